@@ -1,0 +1,87 @@
+"""Train a VQ-VAE: parse flags (and --config FILE) into a Config and call vqvae.train(cfg).
+
+    python train.py --quantizer ba_vq --codebook_size 512
+    python train.py --dataset cifar10-sample --epochs 2 --no_wandb
+    python train.py --config config.yaml --name ba_k512 --quantizer ba_vq
+    python train.py --name ba_k512 --resume
+    python train.py --sweep sweeps/seed_ablation.yaml --epochs 2 --dataset cifar10-sample --no_wandb
+
+Every Config field is a flag (`python train.py --help` lists them with their defaults).
+Bad input prints one line and exits with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+import typing
+
+import vqvae
+from vqvae import Config, UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise UserError(message)
+
+
+def _flag_type(hint):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Literal:
+        return str, list(typing.get_args(hint))
+    base = args[0] if args else hint
+    return base, None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="YAML file of config keys (flags override it)")
+    parser.add_argument("--sweep", help="YAML sweep file: base config + named experiments (see sweeps/)")
+    hints = typing.get_type_hints(Config)
+    for name, f in vqvae.config_fields().items():
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        kind, choices = _flag_type(hints[name])
+        if kind is bool:
+            parser.add_argument(f"--{name}", action="store_true", help=help_text)
+            parser.add_argument(f"--no_{name}", dest=name, action="store_false", help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(f"--{name}", type=kind, choices=choices, help=help_text, metavar=name.upper()
+                                if choices is None else None)
+    return parser
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, dict]:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = unknown[0].split("=")[0]
+        options = [o for o in parser._option_string_actions if o.startswith("--")]
+        near = difflib.get_close_matches(flag, options, n=1)
+        raise UserError(f"unknown flag {flag}" + (f" (did you mean {near[0]}?)" if near else ""))
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "sweep")}
+    return args, flags
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args, flags = parse(sys.argv[1:] if argv is None else argv)
+        if getattr(args, "sweep", None):
+            from sweep import run_sweep
+            run_sweep(args.sweep, getattr(args, "config", None), flags)
+        else:
+            vqvae.train(vqvae.resolve_config(getattr(args, "config", None), flags))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except vqvae.NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except vqvae.Interrupted as err:
+        print(str(err), file=sys.stderr)
+        return err.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1343 @@
+"""BA-VQ: VQ-VAEs on CIFAR-10 with a VQ-EMA quantizer and a Blahut-Arimoto soft quantizer.
+
+One research module, read top to bottom:
+Config -> Data -> Encoder/Decoder -> Quantizers -> VQVAE -> Metrics -> Rate-distortion -> Train/Validate
+-> Checkpoint I/O -> Run loading. `train.py` is a thin CLI over `train(cfg)`; nothing runs at import time.
+
+Papers:
+- VQ-VAE, EMA codebook: van den Oord et al. 2017, "Neural Discrete Representation Learning" (arXiv:1711.00937).
+- Blahut-Arimoto: Blahut 1972, "Computation of channel capacity and rate-distortion functions";
+  Arimoto 1972. The BA quantizer runs its E-M iterations on a minibatch of encoder outputs.
+- Rotation trick: Fifty et al. 2024, "Restructuring Vector Quantization with the Rotation Trick" (ICLR 2025).
+
+Symbols: x image, e encoder output (N, D) after flattening, C codebook (K, D), p = p(k|e) soft assignment,
+Q the marginal over codes, z_q quantized latents, x_hat reconstruction, beta the inverse temperature.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import pickle
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import typing
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+REPO_DIR = Path(__file__).resolve().parent
+SAMPLE_PATH = REPO_DIR / "assets" / "cifar10_sample.npz"
+
+
+class UserError(Exception):
+    """A mistake in the user's input (config, flags, files): reported as one line, exit code 2."""
+
+
+# ################################################################################################################
+# Config
+# ################################################################################################################
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    """Every hyperparameter and switch. Fields = YAML keys = --flags; defaults < YAML < flags."""
+    # run
+    name: str = _f("", "run name; the run lives in <out_dir>/<name> (empty: <quantizer>_k<K>_<time>)")
+    out_dir: str = _f("experiments", "folder that holds the run folders")
+    seed: int = _f(1337, "seed for torch, numpy, python and the data order")
+    device: str = _f("auto", "auto (MPS > CUDA > CPU), cpu, cuda, cuda:1, mps")
+    resume: bool = _f(False, "continue the run <out_dir>/<name> from its last checkpoint")
+    overwrite: bool = _f(False, "replace an existing run folder of the same name")
+    # data
+    dataset: Literal["cifar10", "cifar10-sample"] = _f("cifar10", "cifar10 (torchvision) or the bundled sample")
+    data_dir: str = _f("./data", "folder with (or to download) cifar-10-batches-py")
+    # model
+    arch: Literal["residual", "compact"] = _f("residual", "residual (seed 004) or compact (seed 000)")
+    latent_dim: Optional[int] = _f(None, "code dimension D (default: 256 residual, 64 compact)")
+    quantizer: Literal["vq_ema", "ba_vq"] = _f("vq_ema", "vq_ema (hard, EMA codebook) or ba_vq (Blahut-Arimoto)")
+    codebook_size: int = _f(512, "number of codes K")
+    commitment_weight: float = _f(0.25, "weight of ||e - sg(z_q)||^2")
+    codebook_weight: float = _f(1.0, "BA: weight of ||z_q - sg(e)||^2")
+    entropy_weight: float = _f(0.01, "BA: weight of -H(Q), the marginal's entropy in nats")
+    beta_start: float = _f(0.5, "BA: inverse temperature at the first step")
+    beta_end: float = _f(3.0, "BA: inverse temperature at the last step (cosine schedule)")
+    ba_iters: int = _f(1, "BA: E-M iterations per forward pass")
+    codebook_update: Literal["ema", "grad"] = _f("ema", "BA: soft-weighted EMA codebook, or learned by the loss")
+    marginal: Literal["batch", "running"] = _f("batch", "BA: Q starts uniform each forward, or an EMA across steps")
+    decay: float = _f(0.99, "EMA decay of codebook statistics (and of the running marginal)")
+    epsilon: float = _f(1e-5, "Laplace smoothing of EMA cluster sizes")
+    kmeans_init: bool = _f(True, "initialise codes by k-means++ and Lloyd on the first training batch")
+    kmeans_iters: int = _f(10, "Lloyd iterations of the k-means initialisation")
+    dead_code_threshold: float = _f(0.0, "restart codes whose EMA cluster size falls below this (0: off)")
+    estimator: Literal["ste", "rotation"] = _f("ste", "gradient to the encoder: straight-through or rotation trick")
+    chunk_size: int = _f(4096, "encoder vectors per chunk in distance and soft-assignment passes")
+    # optimisation
+    epochs: int = _f(10, "training epochs")
+    batch_size: int = _f(128, "images per optimizer step (global, across ranks)")
+    lr: float = _f(3e-4, "AdamW learning rate")
+    weight_decay: float = _f(1e-4, "AdamW weight decay")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _f("auto", "autocast dtype (auto: bf16 on CUDA, else fp32)")
+    compile: bool = _f(False, "wrap the model with torch.compile")
+    # logging
+    log_every: int = _f(50, "steps between train records (batch perplexity, beta, losses)")
+    checkpoint_every: int = _f(10, "epochs between checkpoint_epoch{N}.pt files")
+    wandb: bool = _f(True, "log to Weights & Biases (offline mode when not logged in)")
+    wandb_project: str = _f("vq-codebook", "W&B project")
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        _check_types(self)
+        checks = [
+            (self.codebook_size >= 2, "codebook_size must be >= 2"),
+            (self.ba_iters >= 1, "ba_iters must be >= 1"),
+            (0 < self.decay < 1, "decay must be in (0, 1)"),
+            (self.epsilon > 0, "epsilon must be > 0"),
+            (self.beta_start > 0, "beta_start must be > 0"),
+            (self.beta_end > 0, "beta_end must be > 0"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.kmeans_iters >= 0, "kmeans_iters must be >= 0"),
+            (self.chunk_size >= 1, "chunk_size must be >= 1"),
+            (self.log_every >= 1, "log_every must be >= 1"),
+            (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
+            (self.latent_dim is None or self.latent_dim >= 1, "latent_dim must be >= 1"),
+        ]
+        for name in ("commitment_weight", "codebook_weight", "entropy_weight", "weight_decay",
+                     "dead_code_threshold"):
+            checks.append((getattr(self, name) >= 0, f"{name} must be >= 0"))
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(msg)
+
+    @property
+    def code_dim(self) -> int:
+        return self.latent_dim or {"residual": 256, "compact": 64}[self.arch]
+
+
+def config_fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _check_types(cfg: Config):
+    hints = typing.get_type_hints(Config)
+    for name, hint in hints.items():
+        value = getattr(cfg, name)
+        allowed = [a for a in typing.get_args(hint)] if typing.get_origin(hint) in (typing.Union,) else [hint]
+        if typing.get_origin(hint) is Literal:
+            if value not in typing.get_args(hint):
+                raise UserError(f"{name} must be one of {', '.join(map(str, typing.get_args(hint)))}, got {value!r}")
+            continue
+        if float in allowed and isinstance(value, str):
+            try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+                value = float(value)
+                setattr(cfg, name, value)
+            except ValueError:
+                pass
+        ok = any((a is type(None) and value is None)
+                 or (a is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+                 or (a is int and isinstance(value, int) and not isinstance(value, bool))
+                 or (a in (str, bool) and isinstance(value, a)) for a in allowed)
+        if not ok:
+            want = " or ".join("null" if a is type(None) else a.__name__ for a in allowed)
+            raise UserError(f"{name} must be {want}, got {value!r}")
+        if float in allowed and isinstance(value, int):
+            setattr(cfg, name, float(value))
+
+
+def make_config(overrides: dict) -> Config:
+    """Config from a dict of overrides, with unknown keys reported by their nearest valid name."""
+    known = config_fields()
+    for key in overrides:
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1)
+            raise UserError(f"unknown config key '{key}'" + (f" (did you mean '{near[0]}'?)" if near else ""))
+    return Config(**overrides)
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"malformed YAML in {path}{where}: {getattr(err, 'problem', err)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# Fields that may differ when a run is resumed: they change neither the model nor its training trajectory's state.
+RESUMABLE_CHANGES = {"epochs", "log_every", "checkpoint_every", "wandb", "wandb_project", "resume", "overwrite",
+                     "device", "data_dir", "out_dir", "compile"}
+
+
+# ################################################################################################################
+# Data
+# ################################################################################################################
+
+def _read_cifar_pickles(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Official cifar-10-batches-py layout, read directly (md5 is not checked, so copies and subsets work)."""
+    def read(name):
+        with open(folder / name, "rb") as fh:
+            batch = pickle.load(fh, encoding="latin1")
+        data = np.asarray(batch["data"], dtype=np.uint8)
+        if data.ndim != 2 or data.shape[1] != 3072:
+            raise ValueError(f"{name}: data has shape {data.shape}, expected (N, 3072)")
+        return data.reshape(-1, 3, 32, 32)
+
+    train_files = sorted(folder.glob("data_batch_*"))
+    if not train_files or not (folder / "test_batch").is_file():
+        raise UserError(f"{folder} holds no CIFAR-10 batches (data_batch_1..5 and test_batch)")
+    try:
+        train = np.concatenate([read(f.name) for f in train_files])
+        test = read("test_batch")
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as err:
+        raise UserError(f"{folder} holds no valid CIFAR-10 batches: {err}") from None
+    return train, test
+
+
+def _find_batches_dir(data_dir: Path) -> Optional[Path]:
+    for candidate in (data_dir / "cifar-10-batches-py", data_dir):
+        if (candidate / "test_batch").exists() or any(candidate.glob("data_batch_*")):
+            return candidate
+    return None
+
+
+def load_cifar10(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, test) uint8 image tensors (N, 3, 32, 32), decoded once."""
+    if cfg.dataset == "cifar10-sample":
+        with np.load(SAMPLE_PATH) as sample:
+            return torch.from_numpy(sample["train"]), torch.from_numpy(sample["test"])
+    data_dir = Path(cfg.data_dir)
+    folder = _find_batches_dir(data_dir)
+    if folder is None:
+        if data_dir.is_dir() and any(data_dir.iterdir()) and not (data_dir / "cifar-10-python.tar.gz").exists():
+            raise UserError(f"{data_dir} exists but holds no CIFAR-10 batches (expected cifar-10-batches-py)")
+        folder = _download_cifar10(data_dir)
+    train, test = _read_cifar_pickles(folder)
+    return torch.from_numpy(train), torch.from_numpy(test)
+
+
+def _download_cifar10(data_dir: Path) -> Path:
+    import torchvision
+    try:
+        torchvision.datasets.CIFAR10(str(data_dir), train=True, download=True)
+    except Exception as err:  # no network, proxy, disk: all end the same way for the user
+        raise UserError(f"could not download CIFAR-10 into {data_dir} ({type(err).__name__}); point --data_dir at "
+                        f"a folder holding cifar-10-batches-py, or use --dataset cifar10-sample") from None
+    return data_dir / "cifar-10-batches-py"
+
+
+class Batches:
+    """Cuts batches from a uint8 image tensor kept on the device; normalises there to [-1, 1].
+
+    The order of epoch `i` is a permutation drawn from (seed, i) alone, so a resumed run sees the same batches.
+    With `world` ranks, each rank takes its contiguous slice of every global batch.
+    """
+
+    def __init__(self, images: torch.Tensor, batch_size: int, device, shuffle: bool, seed: int = 0,
+                 rank: int = 0, world: int = 1):
+        self.images = images.to(device)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.rank, self.world = rank, world
+        n = len(images)
+        # training drops the ragged last batch (steady statistics for EMA and the BA marginal); validation keeps it
+        self.num_batches = max(n // batch_size, 1) if shuffle else math.ceil(n / batch_size)
+
+    def __len__(self):
+        return self.num_batches
+
+    def epoch(self, epoch: int, start: int = 0):
+        n = len(self.images)
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(n, generator=gen).to(self.images.device)
+        else:
+            order = torch.arange(n, device=self.images.device)
+        for i in range(start, self.num_batches):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            per_rank = math.ceil(len(idx) / self.world)
+            idx = idx[self.rank * per_rank:(self.rank + 1) * per_rank]
+            yield self.images[idx].float().div_(127.5).sub_(1.0)
+
+
+# ################################################################################################################
+# Encoder / Decoder
+# ################################################################################################################
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return F.relu(x + self.conv2(F.relu(self.conv1(x))))
+
+
+def make_encoder(arch: str, dim: int) -> nn.Module:
+    """(B, 3, 32, 32) -> (B, dim, 8, 8)."""
+    if arch == "residual":  # seed 004
+        return nn.Sequential(
+            nn.Conv2d(3, 128, 4, 2, 1), nn.ReLU(),
+            nn.Conv2d(128, 256, 4, 2, 1), nn.ReLU(),
+            nn.Conv2d(256, dim, 3, 1, 1), nn.ReLU(),
+            ResidualBlock(dim), ResidualBlock(dim))
+    return nn.Sequential(  # compact, seed 000 appendix; the last 1x1 conv is the pre-quant projection
+        nn.Conv2d(3, 64, 4, 2, 1), nn.ReLU(),
+        nn.Conv2d(64, 128, 4, 2, 1), nn.ReLU(),
+        nn.Conv2d(128, dim, 1))
+
+
+def make_decoder(arch: str, dim: int) -> nn.Module:
+    """(B, dim, 8, 8) -> (B, 3, 32, 32), no output activation."""
+    if arch == "residual":
+        return nn.Sequential(
+            ResidualBlock(dim), ResidualBlock(dim),
+            nn.Conv2d(dim, 256, 3, 1, 1), nn.ReLU(),
+            nn.ConvTranspose2d(256, 128, 4, 2, 1), nn.ReLU(),
+            nn.ConvTranspose2d(128, 3, 4, 2, 1))
+    return nn.Sequential(
+        nn.Conv2d(dim, 64, 1),  # post-quant projection
+        nn.ConvTranspose2d(64, 64, 4, 2, 1), nn.ReLU(),
+        nn.ConvTranspose2d(64, 3, 4, 2, 1))
+
+
+# ################################################################################################################
+# Quantizers
+# ################################################################################################################
+
+def _no_autocast(device_type: str):
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def dist_sum_(t: torch.Tensor) -> torch.Tensor:
+    """Sum a statistic over data-parallel ranks in place (no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def nearest_code(e: torch.Tensor, C: torch.Tensor, chunk: int) -> torch.Tensor:
+    """argmin_k ||e_n - c_k||^2 for each row of e, never holding more than (chunk, K) distances."""
+    c_sq = (C * C).sum(1)
+    idx = torch.empty(len(e), dtype=torch.long, device=e.device)
+    for s in range(0, len(e), chunk):
+        # ||e||^2 is constant per row, so argmin over ||c||^2 - 2 e.c is enough
+        idx[s:s + chunk] = torch.addmm(c_sq, e[s:s + chunk], C.t(), alpha=-2.0).argmin(1)
+    return idx
+
+
+def kmeans(e: torch.Tensor, K: int, iters: int, chunk: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means++ seeding then Lloyd iterations. Returns (centroids (K, D), cluster sizes (K,))."""
+    N = len(e)
+    C = _kmeanspp_seed(e, K, gen)
+    for _ in range(iters):
+        idx = nearest_code(e, C, chunk)
+        counts = torch.bincount(idx, minlength=K).to(e.dtype)
+        sums = torch.zeros_like(C).index_add_(0, idx, e)
+        filled = counts > 0  # an empty cluster keeps its centre
+        C = torch.where(filled[:, None], sums / counts.clamp_min(1)[:, None], C)
+    counts = torch.bincount(nearest_code(e, C, chunk), minlength=K).to(e.dtype)
+    return C, counts
+
+
+KMEANSPP_MAX_K = 4096  # sequential seeding costs K passes over N; beyond this, seed from distinct random samples
+
+
+def _kmeanspp_seed(e: torch.Tensor, K: int, gen: torch.Generator) -> torch.Tensor:
+    N = len(e)
+    if K > N or K > KMEANSPP_MAX_K:
+        idx = torch.randperm(N, generator=gen)[:K] if K <= N else torch.randint(N, (K,), generator=gen)
+        C = e[idx.to(e.device)].clone()
+        if K > N:  # more codes than vectors: jitter the repeats so codes are distinct
+            C += 1e-3 * e.std() * torch.randn(C.shape, generator=gen).to(e.device)
+        return C
+    first = torch.randint(N, (1,), generator=gen).item()
+    C = [e[first]]
+    d_min = ((e - e[first]) ** 2).sum(1)
+    for _ in range(1, K):
+        probs = (d_min / d_min.sum()).cpu() if d_min.sum() > 0 else torch.full((N,), 1.0 / N)
+        nxt = torch.multinomial(probs, 1, generator=gen).item()
+        C.append(e[nxt])
+        d_min = torch.minimum(d_min, ((e - e[nxt]) ** 2).sum(1))
+    return torch.stack(C)
+
+
+def rotate_to(e: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
+    """Rotation trick (Fifty et al. 2024): returns z_q in the forward pass, while the gradient reaching e is
+    the incoming gradient rotated and scaled by the map taking e to z_q, held fixed (stop-gradient).
+
+    R = I - 2 r r^T + 2 q_hat e_hat^T with r = (e_hat + q_hat)/||e_hat + q_hat||; lambda = ||z_q|| / ||e||.
+    Applied as vector operations, so no (D, D) matrix is formed.
+    """
+    tiny = torch.finfo(e.dtype).tiny ** 0.5
+    e_norm = e.norm(dim=1, keepdim=True).clamp_min(tiny)
+    q_norm = z_q.norm(dim=1, keepdim=True).clamp_min(tiny)
+    e_hat, q_hat = (e / e_norm).detach(), (z_q / q_norm).detach()
+    r = e_hat + q_hat
+    r = r / r.norm(dim=1, keepdim=True).clamp_min(tiny)
+    rotated = e - 2 * (e * r).sum(1, keepdim=True) * r + 2 * (e * e_hat).sum(1, keepdim=True) * q_hat
+    return (q_norm / e_norm).detach() * rotated
+
+
+def straight_through(e: torch.Tensor, z_q: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Decoder input whose value is z_q and whose gradient reaches the encoder output e."""
+    if estimator == "rotation":
+        return rotate_to(e, z_q)
+    return e + (z_q - e).detach()  # straight-through estimator
+
+
+class _CodebookQuantizer(nn.Module):
+    """Shared machinery: codebook storage, k-means init, EMA statistics, dead-code restarts, reshaping.
+
+    Invariant kept by every update: codebook == ema_sum / smoothed(ema_count) for EMA-updated codebooks.
+    """
+
+    def __init__(self, cfg: Config, dim: int, learnable: bool):
+        super().__init__()
+        self.cfg, self.K, self.dim = cfg, cfg.codebook_size, dim
+        init = torch.empty(self.K, dim).uniform_(-1.0 / self.K, 1.0 / self.K)
+        if learnable:
+            self.codebook = nn.Parameter(init)
+        else:
+            self.register_buffer("codebook", init)
+        self.register_buffer("ema_count", torch.zeros(self.K))
+        self.register_buffer("ema_sum", init.clone() * 0)
+        self.register_buffer("initialized", torch.tensor(not cfg.kmeans_init))
+
+    # -- statistics ---------------------------------------------------------------------------------------------
+    def _smoothed(self, count: torch.Tensor) -> torch.Tensor:
+        n = count.sum()
+        return (count + self.cfg.epsilon) / (n + self.K * self.cfg.epsilon) * n
+
+    @torch.no_grad()
+    def _resync_sums(self):
+        self.ema_sum.copy_(self.codebook * self._smoothed(self.ema_count)[:, None])
+
+    @torch.no_grad()
+    def _ema_update(self, counts: torch.Tensor, sums: Optional[torch.Tensor], update_codebook: bool):
+        """EMA of cluster sizes and sums (summed over ranks first); codes <- sums / Laplace-smoothed sizes."""
+        d = self.cfg.decay
+        self.ema_count.mul_(d).add_(dist_sum_(counts), alpha=1 - d)
+        if update_codebook:
+            self.ema_sum.mul_(d).add_(dist_sum_(sums), alpha=1 - d)
+            self.codebook.copy_(self.ema_sum / self._smoothed(self.ema_count)[:, None])
+
+    @torch.no_grad()
+    def _kmeans_init(self, e: torch.Tensor):
+        """Codes from k-means on this (training) batch, gathered from all ranks; EMA buffers made consistent."""
+        e = _gather_rows(e)
+        gen = torch.Generator().manual_seed(int(torch.randint(2 ** 31 - 1, (1,)).item()))
+        C, counts = kmeans(e, self.K, self.cfg.kmeans_iters, self.cfg.chunk_size, gen)
+        C, counts = _broadcast(C), _broadcast(counts)
+        self.codebook.data.copy_(C)
+        self.ema_count.copy_(counts)  # counts of the gathered batch: the same scale as rank-summed EMA counts
+        self._resync_sums()
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def _restart_dead(self, e: torch.Tensor) -> torch.Tensor:
+        """Re-seed codes whose EMA cluster size fell below the threshold from random encoder vectors."""
+        dead = self.ema_count < self.cfg.dead_code_threshold
+        n_dead = dead.sum()
+        if n_dead.item() == 0:
+            return n_dead
+        rows = torch.randint(len(e), (int(n_dead),), device=e.device)
+        self.codebook.data[dead] = _broadcast(e[rows])
+        self.ema_count[dead] = self.cfg.dead_code_threshold  # at the threshold: alive until it decays unused
+        self._resync_sums()
+        return n_dead
+
+    # -- shapes -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _flatten(z: torch.Tensor) -> torch.Tensor:
+        return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float()  # (B, D, H, W) -> (N, D), float32
+
+    @staticmethod
+    def _unflatten(v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        B, D, H, W = z.shape
+        return v.reshape(B, H, W, D).permute(0, 3, 1, 2)
+
+    def _batch_metrics(self, idx: torch.Tensor, z: torch.Tensor) -> dict:
+        counts = torch.bincount(idx, minlength=self.K)
+        return {"code_indices": idx.reshape(z.shape[0], z.shape[2], z.shape[3]),
+                **{k: v for k, v in codebook_stats(counts).items() if k != "dead_codes"}}
+
+
+class VQEMAQuantizer(_CodebookQuantizer):
+    """Hard nearest-code quantizer with an EMA codebook (van den Oord et al. 2017, appendix A.1).
+
+    Gradient to the encoder by the straight-through estimator (or the rotation trick when estimator='rotation');
+    loss = commitment_weight * ||e - sg(z_q)||^2.
+    """
+
+    def __init__(self, cfg: Config, dim: int):
+        super().__init__(cfg, dim, learnable=False)
+
+    def forward(self, z: torch.Tensor):
+        with _no_autocast(z.device.type):
+            e = self._flatten(z)  # (N, D)
+            if self.training and not self.initialized:
+                self._kmeans_init(e.detach())
+            with torch.no_grad():
+                idx = nearest_code(e, self.codebook, self.cfg.chunk_size)  # (N,)
+                z_q = self.codebook[idx]  # (N, D), looked up before this step's EMA update
+            losses = {"commitment_loss": self.cfg.commitment_weight * F.mse_loss(e, z_q)}
+            metrics = self._batch_metrics(idx, z)
+            if self.training:
+                self._update(e.detach(), idx)
+                if self.cfg.dead_code_threshold > 0:
+                    metrics["restarts"] = self._restart_dead(e.detach())
+            out = straight_through(e, z_q, self.cfg.estimator)
+        return self._unflatten(out, z).to(z.dtype), losses, metrics
+
+    @torch.no_grad()
+    def _update(self, e: torch.Tensor, idx: torch.Tensor):
+        counts = torch.bincount(idx, minlength=self.K).to(e.dtype)
+        sums = torch.zeros_like(self.ema_sum).index_add_(0, idx, e)  # O(N D), no (N, K) one-hot
+        self._ema_update(counts, sums, update_codebook=True)
+
+
+class _BAAssign(torch.autograd.Function):
+    """Blahut-Arimoto soft assignment over N vectors, chunked so at most (chunk, K) is held at a time.
+
+    Iteration t:  logits = log Q_{t-1} - beta ||e - c||^2,  log p_t = log_softmax(logits),
+                  log Q_t = logsumexp_n(log p_t) - log N  (the M-step, accumulated chunk by chunk in log space).
+    Outputs z = p_T C (N, D), log Q_T (K,), hard codes argmax p_T, and (optionally) soft counts N Q_T and
+    sums p_T^T e for an EMA codebook. Backward recomputes each chunk (or reuses it when it fit `cache_limit`)
+    and propagates through every iteration, including through log Q_{t-1}, exactly as autograd would.
+    """
+
+    @staticmethod
+    def forward(ctx, e, C, log_Q0, beta, iters, chunk, want_sums, cache_limit):
+        N, K = len(e), len(C)
+        c_sq = (C * C).sum(1)
+        cache = any(ctx.needs_input_grad[:2]) and N * K * iters <= cache_limit
+        log_Qs, saved = [log_Q0], [[] for _ in range(iters)]
+        z = e.new_empty(len(e), C.shape[1])
+        idx = torch.empty(N, dtype=torch.long, device=e.device)
+        sums = torch.zeros_like(C) if want_sums else None
+        for t in range(iters):
+            last = t == iters - 1
+            lse = torch.full((K,), -math.inf, device=e.device)
+            for s in range(0, N, chunk):
+                log_p = _ba_log_p(e[s:s + chunk], C, c_sq, log_Qs[-1], beta)
+                p = log_p.exp()
+                lse = torch.logaddexp(lse, _log_colsum(p, log_p))
+                if cache:
+                    saved[t].append(log_p)
+                if last:
+                    z[s:s + chunk] = p @ C
+                    idx[s:s + chunk] = log_p.argmax(1)
+                    if want_sums:
+                        sums.addmm_(p.t(), e[s:s + chunk])
+            log_Qs.append(_dist_logsumexp(lse) - math.log(N * _world()))
+        ctx.save_for_backward(e, C, *log_Qs)
+        ctx.saved_log_p = saved if cache else None
+        ctx.cfg = (beta, iters, chunk)
+        ctx.mark_non_differentiable(idx)
+        counts = log_Qs[-1].exp() * N
+        return z, log_Qs[-1], idx, counts, sums
+
+    @staticmethod
+    def backward(ctx, g_z, g_logQ, _g_idx, _g_counts, _g_sums):
+        e, C, *log_Qs = ctx.saved_tensors
+        beta, iters, chunk = ctx.cfg
+        N = len(e)
+        c_sq = (C * C).sum(1)
+        g_e = torch.zeros_like(e)
+        g_C = torch.zeros_like(C) if ctx.needs_input_grad[1] else None
+        g_lq = g_logQ if g_logQ is not None else torch.zeros_like(log_Qs[-1])
+        g_z = g_z if g_z is not None else torch.zeros_like(e)
+        for t in reversed(range(iters)):
+            last = t == iters - 1
+            g_lq_prev = torch.zeros_like(g_lq)
+            for j, s in enumerate(range(0, N, chunk)):
+                rows = slice(s, s + chunk)
+                log_p = (ctx.saved_log_p[t][j] if ctx.saved_log_p is not None
+                         else _ba_log_p(e[rows], C, c_sq, log_Qs[t], beta))
+                p = log_p.exp()
+                # dL/dlog p: through log Q_t (softmax over n) and, at the last iteration, through z = p C
+                a = g_lq * (log_p - log_Qs[t + 1] - math.log(N)).exp()
+                if last:
+                    a = a + p * (g_z[rows] @ C.t())
+                    if g_C is not None:
+                        g_C.addmm_(p.t(), g_z[rows])
+                g_logits = a - p * a.sum(1, keepdim=True)  # (chunk, K), rows sum to zero
+                g_lq_prev += g_logits.sum(0)
+                # logits = log Q + 2 beta e.c - beta ||c||^2 (+ a per-row constant whose gradient is zero)
+                g_e[rows] += (2 * beta) * (g_logits @ C)
+                if g_C is not None:
+                    g_C.addmm_(g_logits.t(), e[rows], alpha=2 * beta)
+                    g_C.sub_((2 * beta) * g_logits.sum(0)[:, None] * C)
+            g_lq = g_lq_prev
+        return g_e, g_C, None, None, None, None, None, None
+
+
+def _ba_log_p(e, C, c_sq, log_Q, beta):
+    # log Q_k - beta ||e - c_k||^2 up to the per-row constant -beta ||e||^2, which log_softmax removes
+    return torch.log_softmax(torch.addmm(log_Q - beta * c_sq, e, C.t(), alpha=2.0 * beta), dim=1)
+
+
+def _dist_logsumexp(lse: torch.Tensor) -> torch.Tensor:
+    """log sum over ranks of exp(lse), per column, shifted by the column max so nothing underflows."""
+    if _world() == 1:
+        return lse
+    m = lse.clone()
+    dist.all_reduce(m, op=dist.ReduceOp.MAX)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return dist_sum_((lse - m).exp()).log() + m
+
+
+def _log_colsum(p, log_p):
+    """log sum_n p_nk. Sums in linear space, falling back to logsumexp only for columns that underflow to 0."""
+    col = p.sum(0)
+    out = col.log()
+    under = col == 0
+    if under.any():
+        out[under] = torch.logsumexp(log_p[:, under], dim=0)
+    return out
+
+
+def ba_assign(e, C, log_Q0, beta: float, iters: int, chunk: int, want_sums: bool = False,
+              cache_limit: int = 1 << 26):
+    """Chunked BA soft assignment: returns (z_soft (N,D), log_Q (K,), idx (N,), counts (K,), sums (K,D)|None)."""
+    return _BAAssign.apply(e, C, log_Q0, float(beta), int(iters), int(chunk), want_sums, cache_limit)
+
+
+def ba_assign_direct(e, C, log_Q0, beta: float, iters: int):
+    """The same computation written plainly with an (N, K) distance matrix; autograd does the backward.
+    Reference for tests and for the benchmark."""
+    d = (e * e).sum(1, keepdim=True) - 2 * e @ C.t() + (C * C).sum(1)  # (N, K)
+    log_Q = log_Q0
+    for _ in range(iters):
+        log_p = torch.log_softmax(log_Q - beta * d, dim=1)
+        log_Q = torch.logsumexp(log_p, dim=0) - math.log(len(e))
+    p = log_p.exp()
+    return p @ C, log_Q, log_p.argmax(1)
+
+
+def entropy_from_log(log_Q: torch.Tensor) -> torch.Tensor:
+    """H(Q) in nats from log Q; finite even where Q underflows to 0."""
+    return -(log_Q.exp() * log_Q).sum()
+
+
+class BAQuantizer(_CodebookQuantizer):
+    """Blahut-Arimoto soft quantizer (rate-distortion view of VQ; Blahut 1972, Arimoto 1972).
+
+    E-step p(k|e) ∝ Q(k) exp(-beta ||e - c_k||^2), M-step Q(k) = mean_n p(k|e_n), `ba_iters` times per forward,
+    Q starting uniform (marginal='batch') or from a running EMA of batch marginals (marginal='running').
+    Training: z_q = sum_k p(k|e) c_k, reached by the encoder's straight-through path; losses
+      commitment_weight ||e - sg(z_q)||^2 + codebook_weight ||z_q - sg(e)||^2 + entropy_weight (-H(Q)).
+    Evaluation: hard codes argmax p, z_q = c_argmax. beta follows the trainer's cosine schedule (set_beta).
+    """
+
+    def __init__(self, cfg: Config, dim: int):
+        super().__init__(cfg, dim, learnable=cfg.codebook_update == "grad")
+        self.register_buffer("beta", torch.tensor(cfg.beta_start))
+        self.register_buffer("log_Q_running", torch.full((self.K,), -math.log(self.K)))
+        self._beta = None  # host copy of the beta buffer, so a step needs no device sync to read it
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_beta", None))
+
+    def set_beta(self, beta: float):
+        self.beta.fill_(beta)
+        self._beta = float(beta)
+
+    def current_beta(self) -> float:
+        if self._beta is None:
+            self._beta = self.beta.item()
+        return self._beta
+
+    def forward(self, z: torch.Tensor):
+        cfg = self.cfg
+        with _no_autocast(z.device.type):
+            e = self._flatten(z)  # (N, D)
+            if self.training and not self.initialized:
+                self._kmeans_init(e.detach())
+            log_Q0 = self.log_Q_running if cfg.marginal == "running" else torch.full_like(self.log_Q_running,
+                                                                                           -math.log(self.K))
+            ema = self.training and cfg.codebook_update == "ema"
+            # an EMA codebook is updated in place after this forward; backward needs the values it saw
+            C = self.codebook.clone() if ema else self.codebook
+            z_soft, log_Q, idx, counts, sums = ba_assign(e, C, log_Q0, self.current_beta(), cfg.ba_iters,
+                                                         cfg.chunk_size, want_sums=ema)
+            z_q = z_soft if self.training else self.codebook[idx]  # evaluation reports the discrete model
+            losses = {"commitment_loss": cfg.commitment_weight * F.mse_loss(e, z_q.detach()),
+                      "codebook_loss": cfg.codebook_weight * F.mse_loss(z_q, e.detach()),
+                      "entropy_loss": -cfg.entropy_weight * entropy_from_log(log_Q)}
+            metrics = {**self._batch_metrics(idx, z), "beta": self.beta.clone()}
+            if self.training:
+                self._update(counts.detach(), sums, log_Q.detach(), ema)
+                if cfg.dead_code_threshold > 0:
+                    metrics["restarts"] = self._restart_dead(e.detach())
+            out = straight_through(e, z_q, cfg.estimator)
+        return self._unflatten(out, z).to(z.dtype), losses, metrics
+
+    @torch.no_grad()
+    def _update(self, counts, sums, log_Q, ema: bool):
+        self._ema_update(counts, sums, update_codebook=ema)
+        if self.cfg.marginal == "running":  # Q_run <- decay Q_run + (1 - decay) Q_batch, in log space
+            d = self.cfg.decay
+            self.log_Q_running.copy_(torch.logaddexp(self.log_Q_running + math.log(d), log_Q + math.log(1 - d)))
+
+
+QUANTIZERS = {"vq_ema": VQEMAQuantizer, "ba_vq": BAQuantizer}
+
+
+def _gather_rows(e: torch.Tensor) -> torch.Tensor:
+    if _world() == 1:
+        return e
+    parts = [torch.empty_like(e) for _ in range(_world())]
+    dist.all_gather(parts, e.contiguous())
+    return torch.cat(parts)
+
+
+def _broadcast(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's value everywhere, so random decisions (k-means, restarts) agree across ranks."""
+    if _world() > 1:
+        t = t.contiguous()
+        dist.broadcast(t, 0)
+    return t
+
+
+# ################################################################################################################
+# VQVAE
+# ################################################################################################################
+
+class VQVAE(nn.Module):
+    """Encoder -> quantizer -> decoder. forward(x) -> (x_hat, recon_loss, quant_loss_dict, metrics).
+
+    Build from a Config, or seed-style: VQVAE(quantizer_type='ba_vq', codebook_size=512, arch='compact').
+    """
+
+    def __init__(self, cfg: Optional[Config] = None, **overrides):
+        super().__init__()
+        if "quantizer_type" in overrides:
+            overrides["quantizer"] = overrides.pop("quantizer_type")
+        cfg = make_config({**config_to_dict(cfg or Config()), **overrides})
+        self.cfg, self.quantizer_type = cfg, cfg.quantizer
+        self.encoder = make_encoder(cfg.arch, cfg.code_dim)
+        self.quantizer = QUANTIZERS[cfg.quantizer](cfg, cfg.code_dim)
+        self.decoder = make_decoder(cfg.arch, cfg.code_dim)
+
+    def forward(self, x: torch.Tensor):
+        e = self.encoder(x)  # (B, D, 8, 8)
+        z_q, quant_losses, metrics = self.quantizer(e)
+        x_hat = self.decoder(z_q)  # (B, 3, 32, 32)
+        recon_loss = F.mse_loss(x_hat.float(), x.float())
+        return x_hat, recon_loss, quant_losses, metrics
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x)[0]
+
+
+# ################################################################################################################
+# Metrics (pure functions of tensors)
+# ################################################################################################################
+
+def psnr_from_mse(mse: float, data_range: float = 2.0) -> float:
+    """PSNR in dB for images whose values span `data_range` (2 for [-1, 1], 1 for [0, 1]).
+
+    An MSE on [-1, 1] images equals 4x the MSE on the [0, 1] pixel scale; with data_range=2 the result is the
+    PSNR on the [0, 1] scale. The seed's formula (peak 1 on [-1, 1]) reads 20 log10(2) = 6.02 dB lower.
+    """
+    return 10.0 * math.log10(data_range ** 2 / mse) if mse > 0 else math.inf
+
+
+def psnr(x: torch.Tensor, x_hat: torch.Tensor, data_range: float = 2.0) -> float:
+    return psnr_from_mse(F.mse_loss(x_hat.float(), x.float()).item(), data_range)
+
+
+def codebook_stats(counts: torch.Tensor) -> dict:
+    """Perplexity exp(H), usage rate and dead codes from a histogram of code counts (K,). Tensors, no sync."""
+    counts = counts.float()
+    probs = counts / counts.sum().clamp_min(1)
+    entropy = -(probs * probs.clamp_min(1e-30).log()).sum()
+    used = (counts > 0).sum()
+    return {"perplexity": entropy.exp(), "usage_rate": used / len(counts), "dead_codes": len(counts) - used}
+
+
+def code_histogram(indices: torch.Tensor, K: int) -> torch.Tensor:
+    return torch.bincount(indices.reshape(-1), minlength=K)
+
+
+# ################################################################################################################
+# Rate-distortion
+# ################################################################################################################
+
+def blahut_arimoto_rd(x: torch.Tensor, y: torch.Tensor, beta: float, distortion=None, iters: int = 10_000,
+                      tol: float = 1e-12, weights: Optional[torch.Tensor] = None) -> tuple[float, float]:
+    """Rate-distortion point of the source samples x against reproductions y at slope -beta, by Blahut-Arimoto
+    run to convergence (float64). Returns (rate in bits, expected distortion).
+
+    distortion(x, y) -> (N, M) matrix; default squared Euclidean. weights: source probabilities (default uniform).
+    """
+    x, y = x.double(), y.double()
+    d = distortion(x, y).double() if distortion else torch.cdist(x.reshape(len(x), -1), y.reshape(len(y), -1)) ** 2
+    w = (weights.double() / weights.sum()) if weights is not None else torch.full((len(x),), 1.0 / len(x),
+                                                                                      dtype=torch.float64)
+    log_Q = torch.full((len(y),), -math.log(len(y)), dtype=torch.float64)
+    for _ in range(iters):
+        log_p = torch.log_softmax(log_Q - beta * d, dim=1)  # (N, M) p(y|x)
+        new = torch.logsumexp(log_p + w.log()[:, None], dim=0)
+        done = (new.exp() - log_Q.exp()).abs().max() < tol
+        log_Q = new
+        if done:
+            break
+    log_p = torch.log_softmax(log_Q - beta * d, dim=1)
+    p = log_p.exp()
+    rate = (w[:, None] * p * (log_p - log_Q)).nansum().item() / math.log(2)
+    return rate, (w[:, None] * p * d).sum().item()
+
+
+# ################################################################################################################
+# Train / Validate
+# ################################################################################################################
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_dtype(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def beta_at(step: int, total_steps: int, cfg: Config) -> float:
+    """Cosine schedule from beta_start (first step) to beta_end (last step)."""
+    progress = step / max(total_steps - 1, 1)
+    return cfg.beta_start + (cfg.beta_end - cfg.beta_start) * (1 - math.cos(math.pi * progress)) / 2
+
+
+def set_seed(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class NonFiniteError(RuntimeError):
+    """Loss or gradients became NaN/Inf."""
+
+
+class Trainer:
+    """Owns the model, optimizer, data, schedule and run folder of one run; `train(cfg)` drives it."""
+
+    def __init__(self, cfg: Config, run_dir: Path, device: torch.device, rank: int = 0, world: int = 1):
+        self.cfg, self.run_dir, self.device, self.rank, self.world = cfg, run_dir, device, rank, world
+        set_seed(cfg.seed)
+        train_u8, test_u8 = load_cifar10(cfg)
+        self.train_batches = Batches(train_u8, cfg.batch_size, device, True, cfg.seed, rank, world)
+        self.val_batches = Batches(test_u8, cfg.batch_size, device, False, rank=rank, world=world)
+        self.model = VQVAE(cfg).to(device)
+        if device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
+        self.net = self._wrap(self.model)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.amp_dtype = autocast_dtype(cfg, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.total_steps = cfg.epochs * len(self.train_batches)
+        self.step, self.epoch, self.step_in_epoch = 0, 0, 0
+        self.epoch_sums: dict[str, torch.Tensor] = {}
+        self.pending: list[tuple[int, torch.Tensor]] = []  # (step, stacked loss terms) not yet checked for NaN
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        net = model
+        if self.world > 1:
+            net = nn.parallel.DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda"
+                                                      else None)
+        if self.cfg.compile:
+            try:
+                net = torch.compile(net)
+            except Exception as err:  # e.g. a platform torch.compile does not support
+                warnings.warn(f"torch.compile unavailable ({err}); running eagerly")
+        return net
+
+    # -- one step -----------------------------------------------------------------------------------------------
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def train_step(self, x: torch.Tensor) -> dict:
+        if hasattr(self.model.quantizer, "set_beta"):
+            self.model.quantizer.set_beta(beta_at(self.step, self.total_steps, self.cfg))
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.autocast():
+            _, recon_loss, quant_losses, metrics = self.net(x)
+        loss = recon_loss + sum(quant_losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        terms = {"loss": loss.detach(), "recon_loss": recon_loss.detach(),
+                 **{k: v.detach() for k, v in quant_losses.items()}, "grad_norm": grad_norm.detach()}
+        self.pending.append((self.step, torch.stack(list(terms.values()))))
+        self._pending_names = list(terms)
+        return {**terms, **{k: v for k, v in metrics.items() if k != "code_indices"}}
+
+    def check_finite(self):
+        """Raise NonFiniteError naming the first step and term that went NaN/Inf since the last check."""
+        if not self.pending:
+            return
+        stacked = torch.stack([t for _, t in self.pending])
+        bad = ~torch.isfinite(stacked)
+        if self.scaler.is_enabled():  # fp16: inf gradients are the scaler's business (it skips the step)
+            bad[:, self._pending_names.index("grad_norm")] = False
+        if bad.any():
+            row, col = bad.nonzero()[0].tolist()
+            step = self.pending[row][0]
+            raise NonFiniteError(f"non-finite {self._pending_names[col]} at step {step} "
+                                 f"(epoch {self.epoch + 1}); stopping, last good checkpoint kept")
+        self.pending.clear()
+
+    # -- epochs -------------------------------------------------------------------------------------------------
+    def train_epoch(self, logger: "Logger", stop: "StopFlag", progress) -> bool:
+        """Runs the rest of the current epoch; returns False if a stop signal interrupted it."""
+        self.model.train()
+        for x in self.train_batches.epoch(self.epoch, start=self.step_in_epoch):
+            out = self.train_step(x)
+            for k, v in out.items():
+                self.epoch_sums[k] = self.epoch_sums.get(k, 0) + v.detach().float()
+            self.step += 1
+            self.step_in_epoch += 1
+            progress.update(1)
+            if self.step % self.cfg.log_every == 0:
+                self.check_finite()
+                record = {f"train/{k}": v.item() for k, v in out.items()}
+                logger.log({"step": self.step, "epoch": self.epoch + 1, **record})
+                progress.set_postfix(loss=f"{record['train/loss']:.4f}", ppl=f"{record['train/perplexity']:.1f}")
+            if stop.requested:
+                return False
+        return True
+
+    def epoch_means(self) -> dict:
+        n = max(self.step_in_epoch, 1)
+        return {k: (v / n).item() for k, v in self.epoch_sums.items()}
+
+
+@torch.no_grad()
+def validate(model: VQVAE, batches: Batches, autocast=None) -> dict:
+    """Metrics over the WHOLE validation set, with the discrete (hard-code) model."""
+    model.eval()
+    K = model.quantizer.K
+    counts = torch.zeros(K, dtype=torch.long, device=batches.images.device)
+    sums: dict[str, torch.Tensor] = {}
+    n_images = 0
+    for x in batches.epoch(0):
+        with autocast or torch.autocast(x.device.type, enabled=False):
+            x_hat, recon_loss, quant_losses, metrics = model(x)
+        terms = {"recon_loss": recon_loss, **quant_losses}
+        terms["loss"] = sum(terms.values())
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0) + v.float() * len(x)
+        counts += code_histogram(metrics["code_indices"], K)
+        n_images += len(x)
+    for v in sums.values():
+        dist_sum_(v)
+    dist_sum_(counts)
+    n_images *= _world()
+    result = {k: (v / n_images).item() for k, v in sums.items()}
+    result["psnr"] = psnr_from_mse(result["recon_loss"])
+    result.update({k: float(v) for k, v in codebook_stats(counts).items()})
+    result["dead_codes"] = int(result["dead_codes"])
+    if isinstance(model.quantizer, BAQuantizer):
+        result["beta"] = model.quantizer.beta.item()
+    model.train()
+    return result
+
+
+class Logger:
+    """The one place metrics are written: metrics.jsonl (every record) and W&B when enabled."""
+
+    def __init__(self, cfg: Config, run_dir: Path, enabled: bool = True):
+        self.path, self.enabled, self.wandb_run = run_dir / "metrics.jsonl", enabled, None
+        if enabled and cfg.wandb:
+            self.wandb_run = _init_wandb(cfg, run_dir)
+
+    def log(self, record: dict):
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record.get("step"))
+
+    def truncate_after(self, step: int):
+        """Drop records written after `step` (a resumed run replays them)."""
+        if self.enabled and self.path.exists():
+            keep = [ln for ln in self.path.read_text().splitlines() if json.loads(ln).get("step", 0) <= step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+
+    def finish(self):
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def _init_wandb(cfg: Config, run_dir: Path):
+    try:
+        import wandb
+    except ImportError:
+        print("wandb is not installed; logging to metrics.jsonl only (--no_wandb silences this)")
+        return None
+    mode = os.environ.get("WANDB_MODE")
+    if mode is None and not (os.environ.get("WANDB_API_KEY") or _wandb_logged_in()):
+        mode = "offline"
+        print("W&B: not logged in, logging offline into the run folder (`wandb login`, then `wandb sync`)")
+    try:
+        return wandb.init(project=cfg.wandb_project, name=cfg.name, config=config_to_dict(cfg), dir=str(run_dir),
+                          mode=mode, resume="allow", id=_wandb_id(run_dir))
+    except Exception as err:  # W&B trouble must never cost a run
+        print(f"W&B unavailable ({type(err).__name__}: {err}); logging to metrics.jsonl only")
+        return None
+
+
+def _wandb_logged_in() -> bool:
+    netrc = Path.home() / ".netrc"
+    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def _wandb_id(run_dir: Path) -> str:
+    path = run_dir / "wandb_id.txt"
+    if not path.exists():
+        path.write_text(f"{run_dir.name[:40]}-{os.urandom(4).hex()}")
+    return path.read_text().strip()
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints, and exits 130/143."""
+
+    def __init__(self):
+        self.requested, self.signum, self._old = False, None, {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. a notebook worker): signals stay as they are
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested, self.signum = True, signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int, path: Path):
+        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint written to {path}")
+        self.exit_code = 128 + signum
+
+
+def train(cfg: Config) -> dict:
+    """Train one run end to end; returns the final validation metrics (also in final_metrics.json)."""
+    if cfg.resume and not cfg.name:
+        raise UserError("--resume needs --name (the run to continue)")
+    rank, world = _dist_rank_world()
+    device = pick_device(cfg.device) if world == 1 else _ddp_device(cfg, rank)
+    cfg = _name_run(cfg)
+    run_dir = Path(cfg.out_dir) / cfg.name
+    ckpt = prepare_run_dir(cfg, run_dir, is_main=rank == 0)
+    trainer = Trainer(cfg, run_dir, device, rank, world)
+    if ckpt is not None:
+        restore_training_state(trainer, ckpt)
+    logger = Logger(cfg, run_dir, enabled=rank == 0)
+    if ckpt is not None:
+        logger.truncate_after(trainer.step)
+    _print_header(cfg, trainer, device, rank)
+    try:
+        with StopFlag() as stop:
+            metrics = _train_loop(trainer, logger, stop)
+    finally:
+        logger.finish()
+    if rank == 0:
+        _write_final(trainer, metrics)
+    return metrics
+
+
+def _train_loop(trainer: Trainer, logger: Logger, stop: StopFlag) -> dict:
+    from tqdm.auto import tqdm
+    cfg, metrics = trainer.cfg, {}
+    with tqdm(total=trainer.total_steps, initial=trainer.step, desc=cfg.name, disable=None,
+              dynamic_ncols=True, leave=False) as progress:
+        while trainer.epoch < cfg.epochs:
+            t0 = time.time()
+            finished = trainer.train_epoch(logger, stop, progress)
+            trainer.check_finite()
+            if not finished:
+                path = save_checkpoint(trainer, "last.pt")
+                raise Interrupted(stop.signum, path)
+            metrics = _end_epoch(trainer, logger, time.time() - t0)
+    return metrics
+
+
+def _end_epoch(trainer: Trainer, logger: Logger, seconds: float) -> dict:
+    cfg = trainer.cfg
+    train_means = trainer.epoch_means()
+    val = validate(trainer.model, trainer.val_batches, trainer.autocast())
+    trainer.epoch += 1
+    trainer.step_in_epoch, trainer.epoch_sums = 0, {}
+    record = {"step": trainer.step, "epoch": trainer.epoch, "epoch_time": seconds,
+              **{f"train/{k}": v for k, v in train_means.items() if k in ("loss", "recon_loss", "commitment_loss",
+                                                                           "codebook_loss", "entropy_loss")},
+              **{f"val/{k}": v for k, v in val.items()}}
+    logger.log(record)
+    if trainer.rank == 0:
+        print(f"Epoch {trainer.epoch}/{cfg.epochs} | Train Loss: {train_means['loss']:.4f} | "
+              f"Val Loss: {val['loss']:.4f} | PSNR: {val['psnr']:.2f} | Perplexity: {val['perplexity']:.1f} | "
+              f"Usage: {val['usage_rate'] * 100:.1f}%" + (f" | beta: {val['beta']:.3f}" if "beta" in val else "")
+              + f" | {seconds:.1f}s")
+        save_checkpoint(trainer, "last.pt", val)
+        if trainer.epoch % cfg.checkpoint_every == 0:
+            save_checkpoint(trainer, f"checkpoint_epoch{trainer.epoch}.pt", val)
+    return val
+
+
+def _write_final(trainer: Trainer, metrics: dict):
+    run_dir = trainer.run_dir
+    atomic_write(run_dir / "final_model.pt", lambda fh: torch.save(
+        {"format": CHECKPOINT_FORMAT, "config": config_to_dict(trainer.cfg),
+         "model": trainer.model.state_dict(), "val_metrics": metrics}, fh))
+    atomic_write(run_dir / "final_metrics.json", lambda fh: fh.write(json.dumps(metrics, indent=2).encode()))
+    save_reconstructions(trainer.model, trainer.val_batches, run_dir / "reconstructions.png")
+    print(f"Training complete. Results in {run_dir}")
+
+
+@torch.no_grad()
+def save_reconstructions(model: VQVAE, batches: Batches, path: Path, n: int = 8):
+    """Originals (top row) over reconstructions (bottom row), first n validation images."""
+    from torchvision.utils import save_image
+    model.eval()
+    x = next(iter(batches.epoch(0)))[:n]
+    x_hat = model(x)[0].float()
+    save_image(torch.cat([x, x_hat]).clamp(-1, 1) * 0.5 + 0.5, str(path), nrow=len(x))
+
+
+def _name_run(cfg: Config) -> Config:
+    if cfg.name:
+        return cfg
+    return dataclasses.replace(cfg, name=f"{cfg.quantizer}_k{cfg.codebook_size}_{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _print_header(cfg: Config, trainer: Trainer, device, rank: int):
+    if rank != 0:
+        return
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    print(f"{cfg.name}: {cfg.quantizer} K={cfg.codebook_size} D={cfg.code_dim} arch={cfg.arch} on {device} "
+          f"({trainer.amp_dtype or 'fp32'}) | {len(trainer.train_batches.images)} train / "
+          f"{len(trainer.val_batches.images)} val images | {n_params / 1e6:.2f}M params | "
+          f"{trainer.total_steps} steps" + (f" | resuming at step {trainer.step}" if trainer.step else ""))
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        if not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend)
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _ddp_device(cfg: Config, rank: int) -> torch.device:
+    if torch.cuda.is_available() and cfg.device in ("auto", "cuda"):
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+# ################################################################################################################
+# Checkpoint I/O
+# ################################################################################################################
+
+CHECKPOINT_FORMAT = 1
+
+
+def atomic_write(path: Path, write) -> Path:
+    """Write via a temporary file in the same folder, fsync, then rename: a crash never leaves a partial file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_checkpoint(trainer: Trainer, filename: str, val_metrics: Optional[dict] = None) -> Path:
+    """One self-describing dict: everything needed to rebuild the model and continue bit-exactly."""
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "config": config_to_dict(trainer.cfg),
+        "model": trainer.model.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scaler": trainer.scaler.state_dict(),
+        "step": trainer.step, "epoch": trainer.epoch, "step_in_epoch": trainer.step_in_epoch,
+        "epoch_sums": trainer.epoch_sums,
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        "val_metrics": val_metrics,
+    }
+    return atomic_write(trainer.run_dir / filename, lambda fh: torch.save(state, fh))
+
+
+def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # truncated zip, not a torch file, unpickling error...
+        raise UserError(f"corrupt or truncated checkpoint {path}: {type(err).__name__}") from None
+    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        raise UserError(f"{path} is not a BA-VQ checkpoint (no config/model)")
+    return state
+
+
+def load_checkpoint(path: str | Path, device="cpu") -> tuple[VQVAE, dict]:
+    """Rebuild the model from a checkpoint alone (final_model.pt, last.pt or checkpoint_epoch{N}.pt)."""
+    state = read_checkpoint(path)
+    model = VQVAE(make_config(state["config"]))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), state
+
+
+def restore_training_state(trainer: Trainer, state: dict):
+    trainer.model.load_state_dict(state["model"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scaler.load_state_dict(state["scaler"])
+    trainer.step, trainer.epoch, trainer.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+    trainer.epoch_sums = {k: v.to(trainer.device) for k, v in state["epoch_sums"].items()}
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path, is_main: bool = True) -> Optional[dict]:
+    """Create (or reopen, for --resume) the run folder. Returns the checkpoint to resume from, if any.
+    Refuses to touch an existing run unless resume or overwrite is asked for."""
+    last = run_dir / "last.pt"
+    if cfg.resume:
+        if not last.exists():
+            raise UserError(f"--resume: no checkpoint at {last}")
+        state = read_checkpoint(last)
+        check_resume_config(make_config(state["config"]), cfg)
+        if is_main:
+            write_config(cfg, run_dir)
+        return state
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not cfg.overwrite:
+            raise UserError(f"run folder {run_dir} exists; pass --resume to continue it or --overwrite to replace it")
+        if is_main:
+            shutil.rmtree(run_dir)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(cfg, run_dir)
+    return None
+
+
+def check_resume_config(saved: Config, given: Config):
+    for name in config_fields():
+        if name in RESUMABLE_CHANGES:
+            continue
+        if getattr(saved, name) != getattr(given, name):
+            raise UserError(f"--resume: '{name}' differs from the run's config ({getattr(saved, name)!r} there, "
+                            f"{getattr(given, name)!r} given); it changes the model or its training")
+
+
+def write_config(cfg: Config, run_dir: Path):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    atomic_write(run_dir / "config.yaml", lambda fh: fh.write(text.encode()))
+
+
+def resolve_config(config_file: Optional[str], flags: dict) -> Config:
+    """Defaults < YAML file < flags. With resume, the run's saved config takes the place of the defaults."""
+    values = read_yaml(config_file) if config_file else {}
+    values = {**values, **flags}
+    cfg = make_config(values)
+    if cfg.resume and cfg.name:
+        saved_path = Path(cfg.out_dir) / cfg.name / "config.yaml"
+        if saved_path.exists():
+            cfg = make_config({**read_yaml(saved_path), **values})
+    return cfg
+
+
+# ################################################################################################################
+# Run loading (for analyze.ipynb and sweeps)
+# ################################################################################################################
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def find_runs(root: str | Path) -> list[Path]:
+    """Every run folder (one holding config.yaml) below root, sorted."""
+    return sorted(p.parent for p in Path(root).rglob("config.yaml"))
+
+
+def load_run(run_dir: str | Path) -> dict:
+    """Config, final metrics and logged records of one run folder."""
+    run_dir = Path(run_dir)
+    final = run_dir / "final_metrics.json"
+    return {"dir": run_dir, "name": run_dir.name,
+            "config": read_yaml(run_dir / "config.yaml"),
+            "final": json.loads(final.read_text()) if final.exists() else None,
+            "records": read_jsonl(run_dir / "metrics.jsonl")}
