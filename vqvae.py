@@ -352,6 +352,18 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def scatter_sum(idx: torch.Tensor, e: torch.Tensor, K: int) -> torch.Tensor:
+    """sums[k] = sum of rows e[n] with idx[n] == k, (K, D), in O(N D) with no (N, K) one-hot.
+
+    On CPU: a stable sort then a segment sum, which is deterministic (index_put_'s accumulate uses atomic adds
+    whose order varies run to run, and index_add_ is serial and several times slower). Elsewhere: index_add_.
+    """
+    if e.device.type != "cpu":
+        return torch.zeros(K, e.shape[1], dtype=e.dtype, device=e.device).index_add_(0, idx, e)
+    order = idx.argsort(stable=True)
+    return torch.segment_reduce(e[order], "sum", lengths=torch.bincount(idx, minlength=K), axis=0)
+
+
 def nearest_code(e: torch.Tensor, C: torch.Tensor, chunk: int) -> torch.Tensor:
     """argmin_k ||e_n - c_k||^2 for each row of e, never holding more than (chunk, K) distances."""
     c_sq = (C * C).sum(1)
@@ -369,7 +381,7 @@ def kmeans(e: torch.Tensor, K: int, iters: int, chunk: int, gen: torch.Generator
     for _ in range(iters):
         idx = nearest_code(e, C, chunk)
         counts = torch.bincount(idx, minlength=K).to(e.dtype)
-        sums = torch.zeros_like(C).index_add_(0, idx, e)
+        sums = scatter_sum(idx, e, K)
         filled = counts > 0  # an empty cluster keeps its centre
         C = torch.where(filled[:, None], sums / counts.clamp_min(1)[:, None], C)
     counts = torch.bincount(nearest_code(e, C, chunk), minlength=K).to(e.dtype)
@@ -529,7 +541,7 @@ class VQEMAQuantizer(_CodebookQuantizer):
     @torch.no_grad()
     def _update(self, e: torch.Tensor, idx: torch.Tensor):
         counts = torch.bincount(idx, minlength=self.K).to(e.dtype)
-        sums = torch.zeros_like(self.ema_sum).index_add_(0, idx, e)  # O(N D), no (N, K) one-hot
+        sums = scatter_sum(idx, e, self.K)
         self._ema_update(counts, sums, update_codebook=True)
 
 
@@ -1113,14 +1125,15 @@ def _train_loop(trainer: Trainer, logger: Logger, stop: StopFlag) -> dict:
             if not finished:
                 path = save_checkpoint(trainer, "last.pt")
                 raise Interrupted(stop.signum, path)
-            metrics = _end_epoch(trainer, logger, time.time() - t0)
+            metrics = _end_epoch(trainer, logger, t0)
     return metrics
 
 
-def _end_epoch(trainer: Trainer, logger: Logger, seconds: float) -> dict:
+def _end_epoch(trainer: Trainer, logger: Logger, t0: float) -> dict:
     cfg = trainer.cfg
     train_means = trainer.epoch_means()
     val = validate(trainer.model, trainer.val_batches, trainer.autocast())
+    seconds = time.time() - t0  # training and validation of this epoch
     trainer.epoch += 1
     trainer.step_in_epoch, trainer.epoch_sums = 0, {}
     record = {"step": trainer.step, "epoch": trainer.epoch, "epoch_time": seconds,

@@ -1,0 +1,114 @@
+"""Sweeps: a shared base config plus named experiments, run in order into <out_dir>/<sweep>/<experiment>.
+
+    python train.py --sweep sweeps/seed_ablation.yaml                       # full size
+    python train.py --sweep sweeps/seed_ablation.yaml --epochs 2 --dataset cifar10-sample --no_wandb
+
+Sweep file:
+    name: seed_ablation            # folder under out_dir (default: the file's stem)
+    base: {arch: compact, ...}     # config keys shared by every experiment
+    experiments:
+      - {name: baseline, key_change: Standard VQ, quantizer: vq_ema}
+      - ...
+
+Precedence: defaults < --config file < base < experiment < command-line flags. A finished experiment
+(final_metrics.json present) is skipped; an interrupted one (last.pt present) is resumed. At the end
+results.csv and results.md summarise every experiment, best PSNR first.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import vqvae
+from vqvae import UserError
+
+RESULT_COLUMNS = ["experiment", "key_change", "psnr", "perplexity", "usage_rate", "dead_codes", "wall_time_s"]
+
+
+def read_sweep(path: str | Path) -> dict:
+    spec = vqvae.read_yaml(path)
+    unknown = set(spec) - {"name", "base", "experiments"}
+    if unknown:
+        raise UserError(f"{path}: unknown sweep keys {sorted(unknown)} (expected name, base, experiments)")
+    experiments = spec.get("experiments") or []
+    if not experiments or not all(isinstance(e, dict) and e.get("name") for e in experiments):
+        raise UserError(f"{path}: 'experiments' must be a list of mappings, each with a name")
+    names = [e["name"] for e in experiments]
+    if len(set(names)) != len(names):
+        raise UserError(f"{path}: experiment names must be unique")
+    return {"name": spec.get("name") or Path(path).stem, "base": spec.get("base") or {}, "experiments": experiments}
+
+
+def experiment_configs(spec: dict, config_file: Optional[str], flags: dict) -> list[tuple[str, vqvae.Config]]:
+    """(key_change, Config) for every experiment, validated up front so a typo fails before hours of training."""
+    file_values = vqvae.read_yaml(config_file) if config_file else {}
+    out_dir = Path(flags.get("out_dir", file_values.get("out_dir", vqvae.Config.out_dir))) / spec["name"]
+    configs = []
+    for exp in spec["experiments"]:
+        overrides = {k: v for k, v in exp.items() if k != "key_change"}
+        values = {**file_values, **spec["base"], **overrides, **flags, "out_dir": str(out_dir), "name": exp["name"]}
+        configs.append((exp.get("key_change", ""), vqvae.make_config(values)))
+    return configs
+
+
+def run_sweep(path: str, config_file: Optional[str] = None, flags: Optional[dict] = None) -> list[dict]:
+    spec = read_sweep(path)
+    configs = experiment_configs(spec, config_file, flags or {})
+    for i, (_, cfg) in enumerate(configs, 1):
+        run_dir = Path(cfg.out_dir) / cfg.name
+        if (run_dir / "final_metrics.json").exists():
+            print(f"[{i}/{len(configs)}] {cfg.name}: finished, skipping")
+            continue
+        resume = (run_dir / "last.pt").exists()
+        print(f"[{i}/{len(configs)}] {cfg.name}: {'resuming' if resume else 'starting'}")
+        vqvae.train(dataclasses.replace(cfg, resume=resume, overwrite=not resume))
+    rows = collect_results(configs)
+    write_results(rows, Path(configs[0][1].out_dir))
+    return rows
+
+
+def collect_results(configs: list[tuple[str, vqvae.Config]]) -> list[dict]:
+    rows = []
+    for key_change, cfg in configs:
+        run = vqvae.load_run(Path(cfg.out_dir) / cfg.name)
+        final = run["final"] or {}
+        rows.append({"experiment": cfg.name, "key_change": key_change,
+                     **{k: final.get(k) for k in ("psnr", "perplexity", "usage_rate", "dead_codes")},
+                     "wall_time_s": sum(r.get("epoch_time", 0) for r in run["records"])})
+    return sorted(rows, key=lambda r: -(r["psnr"] if r["psnr"] is not None else -1e9))
+
+
+def write_results(rows: list[dict], folder: Path):
+    with open(folder / "results.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=RESULT_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    (folder / "results.md").write_text(results_markdown(rows))
+    print(f"results: {folder / 'results.md'}")
+
+
+def results_markdown(rows: list[dict]) -> str:
+    def fmt(v, spec):
+        return "—" if v is None else format(v, spec)
+    lines = ["| Experiment | Key change | PSNR (dB) | Perplexity | Usage | Dead codes | Wall time |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        usage = "—" if r["usage_rate"] is None else f"{100 * r['usage_rate']:.1f}%"
+        lines.append(f"| {r['experiment']} | {r['key_change']} | {fmt(r['psnr'], '.2f')} | "
+                     f"{fmt(r['perplexity'], '.1f')} | {usage} | {fmt(r['dead_codes'], 'd')} | "
+                     f"{time.strftime('%H:%M:%S', time.gmtime(r['wall_time_s']))} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    import sys
+    import train
+    sys.exit(train.main(["--sweep", *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""End to end through the real CLI on the bundled sample: files written, checkpoints, resume, config errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import vqvae
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--dataset", "cifar10-sample", "--arch", "compact", "--codebook_size", "32", "--batch_size", "64",
+        "--no_wandb", "--log_every", "3", "--kmeans_iters", "2"]
+
+
+def run_cli(*args, cwd=ROOT, check=True):
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def ba_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    run_cli(*TINY, "--quantizer", "ba_vq", "--epochs", "2", "--checkpoint_every", "1", "--name", "ba",
+            "--out_dir", out)
+    return out / "ba"
+
+
+def test_end_to_end_writes_every_file(ba_run):
+    for name in ["final_model.pt", "final_metrics.json", "metrics.jsonl", "config.yaml", "checkpoint_epoch1.pt",
+                 "checkpoint_epoch2.pt", "last.pt", "reconstructions.png"]:
+        assert (ba_run / name).is_file(), name
+    final = json.loads((ba_run / "final_metrics.json").read_text())
+    for key in ["loss", "recon_loss", "psnr", "perplexity", "usage_rate", "dead_codes", "commitment_loss",
+                "entropy_loss", "beta"]:
+        assert key in final, key
+    assert final["beta"] == pytest.approx(3.0)  # schedule reached beta_end at the last step
+    records = vqvae.read_jsonl(ba_run / "metrics.jsonl")
+    steps = [r for r in records if "train/perplexity" in r]
+    epochs = [r for r in records if "val/psnr" in r]
+    assert len(epochs) == 2 and steps and all("train/beta" in r for r in steps)
+    assert epochs[-1]["val/psnr"] == pytest.approx(final["psnr"])
+    saved = yaml.safe_load((ba_run / "config.yaml").read_text())
+    assert saved["quantizer"] == "ba_vq" and saved["codebook_size"] == 32 and saved["epochs"] == 2
+
+
+def test_validation_covers_whole_set_and_psnr_agrees(ba_run):
+    """Recompute validation metrics independently from the saved model: whole test split, [0,1] PSNR."""
+    model, state = vqvae.load_checkpoint(ba_run / "final_model.pt")
+    _, test = vqvae.load_cifar10(vqvae.make_config(state["config"]))
+    x = test.float() / 127.5 - 1
+    with torch.no_grad():
+        x_hat = torch.cat([model(x[i:i + 50])[0] for i in range(0, len(x), 50)])
+        idx = torch.cat([model(x[i:i + 50])[3]["code_indices"].reshape(-1) for i in range(0, len(x), 50)])
+    mse01 = ((x_hat - x) / 2).square().mean().item()
+    final = json.loads((ba_run / "final_metrics.json").read_text())
+    assert final["psnr"] == pytest.approx(10 * torch.log10(torch.tensor(1 / mse01)).item(), abs=1e-3)
+    assert final["usage_rate"] == pytest.approx(idx.unique().numel() / 32)
+
+
+def test_load_checkpoint_round_trip(ba_run):
+    model, state = vqvae.load_checkpoint(ba_run / "checkpoint_epoch2.pt")
+    assert isinstance(model.quantizer, vqvae.BAQuantizer) and model.quantizer.K == 32
+    assert state["epoch"] == 2 and "optimizer" in state and "rng" in state
+    final_model, _ = vqvae.load_checkpoint(ba_run / "final_model.pt")
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], final_model(x)[0])
+    assert model.quantizer.current_beta() == pytest.approx(3.0)  # beta buffer travels with the checkpoint
+
+
+def test_resume_continues_to_the_same_result(tmp_path):
+    common = [*TINY, "--quantizer", "vq_ema", "--out_dir", tmp_path]
+    run_cli(*common, "--epochs", "3", "--name", "straight")
+    run_cli(*common, "--epochs", "2", "--name", "split")
+    run_cli("--name", "split", "--out_dir", tmp_path, "--epochs", "3", "--resume", "--no_wandb")
+    a = json.loads((tmp_path / "straight" / "final_metrics.json").read_text())
+    b = json.loads((tmp_path / "split" / "final_metrics.json").read_text())
+    assert a == b
+    sa = torch.load(tmp_path / "straight" / "final_model.pt")["model"]
+    sb = torch.load(tmp_path / "split" / "final_model.pt")["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_flag_overrides_yaml_overrides_default(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("codebook_size: 64\nlr: 1e-3\nquantizer: ba_vq\n")
+    cfg = vqvae.resolve_config(str(cfg_file), {"codebook_size": 128})
+    assert (cfg.codebook_size, cfg.lr, cfg.quantizer, cfg.epochs) == (128, 1e-3, "ba_vq", vqvae.Config().epochs)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--codebook_sise", "4"], "did you mean --codebook_size"),
+    (["--codebook_size", "1"], "codebook_size must be >= 2"),
+    (["--ba_iters", "0"], "ba_iters must be >= 1"),
+    (["--decay", "1.0"], "decay must be in (0, 1)"),
+    (["--entropy_weight", "-0.1"], "entropy_weight must be >= 0"),
+    (["--epochs", "0"], "epochs must be >= 1"),
+    (["--epochs", "two"], "invalid int value"),
+    (["--quantizer", "vq"], "invalid choice"),
+])
+def test_bad_flags_one_line_exit_2(args, message, tmp_path):
+    proc = run_cli(*args, "--out_dir", tmp_path, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_yaml_key_suggests_nearest(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("beta_strat: 0.3\n")
+    proc = run_cli("--config", cfg_file, check=False)
+    assert proc.returncode == 2 and "did you mean 'beta_start'" in proc.stderr
