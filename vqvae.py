@@ -548,11 +548,12 @@ class VQEMAQuantizer(_CodebookQuantizer):
 class _BAAssign(torch.autograd.Function):
     """Blahut-Arimoto soft assignment over N vectors, chunked so at most (chunk, K) is held at a time.
 
-    Iteration t:  logits = log Q_{t-1} - beta ||e - c||^2,  log p_t = log_softmax(logits),
-                  log Q_t = logsumexp_n(log p_t) - log N  (the M-step, accumulated chunk by chunk in log space).
+    Iteration t:  logits = log Q_{t-1} - beta ||e - c||^2,  p_t = softmax(logits),
+                  log Q_t = log sum_n p_t - log N  (the M-step, accumulated chunk by chunk in log space).
     Outputs z = p_T C (N, D), log Q_T (K,), hard codes argmax p_T, and (optionally) soft counts N Q_T and
-    sums p_T^T e for an EMA codebook. Backward recomputes each chunk (or reuses it when it fit `cache_limit`)
-    and propagates through every iteration, including through log Q_{t-1}, exactly as autograd would.
+    sums p_T^T e for an EMA codebook. Backward recomputes each chunk (or reuses it when all chunks fit
+    `cache_limit` elements) and propagates through every iteration, including through log Q_{t-1}, as autograd
+    would through the direct formula (`ba_assign_direct`).
     """
 
     @staticmethod
@@ -568,19 +569,19 @@ class _BAAssign(torch.autograd.Function):
             last = t == iters - 1
             lse = torch.full((K,), -math.inf, device=e.device)
             for s in range(0, N, chunk):
-                log_p = _ba_log_p(e[s:s + chunk], C, c_sq, log_Qs[-1], beta)
-                p = log_p.exp()
-                lse = torch.logaddexp(lse, _log_colsum(p, log_p))
+                logits = _ba_logits(e[s:s + chunk], C, c_sq, log_Qs[-1], beta)
+                p = torch.softmax(logits, dim=1)  # (chunk, K)
+                lse = torch.logaddexp(lse, _log_colsum(p, logits))
                 if cache:
-                    saved[t].append(log_p)
+                    saved[t].append(p)
                 if last:
-                    z[s:s + chunk] = p @ C
-                    idx[s:s + chunk] = log_p.argmax(1)
+                    torch.mm(p, C, out=z[s:s + chunk])
+                    idx[s:s + chunk] = logits.argmax(1)
                     if want_sums:
                         sums.addmm_(p.t(), e[s:s + chunk])
             log_Qs.append(_dist_logsumexp(lse) - math.log(N * _world()))
         ctx.save_for_backward(e, C, *log_Qs)
-        ctx.saved_log_p = saved if cache else None
+        ctx.saved_p = saved if cache else None
         ctx.cfg = (beta, iters, chunk)
         ctx.mark_non_differentiable(idx)
         counts = log_Qs[-1].exp() * N
@@ -595,35 +596,41 @@ class _BAAssign(torch.autograd.Function):
         g_e = torch.zeros_like(e)
         g_C = torch.zeros_like(C) if ctx.needs_input_grad[1] else None
         g_lq = g_logQ if g_logQ is not None else torch.zeros_like(log_Qs[-1])
-        g_z = g_z if g_z is not None else torch.zeros_like(e)
         for t in reversed(range(iters)):
             last = t == iters - 1
+            need_colsum = t > 0 or g_C is not None
+            # log Q_t,k = log sum_n p_nk - log N, so dL/dp_nk gains g_lq_k / (N Q_t,k): a per-column weight
+            w = g_lq * torch.exp(-log_Qs[t + 1] - math.log(N))
+            safe = bool(torch.isfinite(w).all())  # Q_k below ~1e-38: take the log-space route for that backward
             g_lq_prev = torch.zeros_like(g_lq)
             for j, s in enumerate(range(0, N, chunk)):
                 rows = slice(s, s + chunk)
-                log_p = (ctx.saved_log_p[t][j] if ctx.saved_log_p is not None
-                         else _ba_log_p(e[rows], C, c_sq, log_Qs[t], beta))
-                p = log_p.exp()
-                # dL/dlog p: through log Q_t (softmax over n) and, at the last iteration, through z = p C
-                a = g_lq * (log_p - log_Qs[t + 1] - math.log(N)).exp()
-                if last:
-                    a = a + p * (g_z[rows] @ C.t())
-                    if g_C is not None:
-                        g_C.addmm_(p.t(), g_z[rows])
-                g_logits = a - p * a.sum(1, keepdim=True)  # (chunk, K), rows sum to zero
-                g_lq_prev += g_logits.sum(0)
+                p = (ctx.saved_p[t][j] if ctx.saved_p is not None
+                     else torch.softmax(_ba_logits(e[rows], C, c_sq, log_Qs[t], beta), dim=1))
+                G = (g_z[rows] @ C.t()) if (last and g_z is not None) else torch.zeros_like(p)  # dL/dp via z
+                if safe:
+                    a = p * (G + w)  # dL/dlogits before the softmax's normalisation
+                else:
+                    log_p = torch.log_softmax(_ba_logits(e[rows], C, c_sq, log_Qs[t], beta), dim=1)
+                    a = p * G + g_lq * (log_p - log_Qs[t + 1] - math.log(N)).exp()
+                g_logits = torch.addcmul(a, p, a.sum(1, keepdim=True), value=-1.0)  # rows sum to zero
                 # logits = log Q + 2 beta e.c - beta ||c||^2 (+ a per-row constant whose gradient is zero)
-                g_e[rows] += (2 * beta) * (g_logits @ C)
+                g_e[rows].addmm_(g_logits, C, alpha=2.0 * beta)
+                if need_colsum:
+                    col = g_logits.sum(0)
+                    g_lq_prev += col
                 if g_C is not None:
-                    g_C.addmm_(g_logits.t(), e[rows], alpha=2 * beta)
-                    g_C.sub_((2 * beta) * g_logits.sum(0)[:, None] * C)
+                    if last and g_z is not None:
+                        g_C.addmm_(p.t(), g_z[rows])
+                    g_C.addmm_(g_logits.t(), e[rows], alpha=2.0 * beta)
+                    g_C.sub_((2.0 * beta) * col[:, None] * C)
             g_lq = g_lq_prev
         return g_e, g_C, None, None, None, None, None, None
 
 
-def _ba_log_p(e, C, c_sq, log_Q, beta):
-    # log Q_k - beta ||e - c_k||^2 up to the per-row constant -beta ||e||^2, which log_softmax removes
-    return torch.log_softmax(torch.addmm(log_Q - beta * c_sq, e, C.t(), alpha=2.0 * beta), dim=1)
+def _ba_logits(e, C, c_sq, log_Q, beta):
+    # log Q_k - beta ||e - c_k||^2 up to the per-row constant -beta ||e||^2, which the softmax removes
+    return torch.addmm(log_Q - beta * c_sq, e, C.t(), alpha=2.0 * beta)
 
 
 def _dist_logsumexp(lse: torch.Tensor) -> torch.Tensor:
@@ -636,13 +643,15 @@ def _dist_logsumexp(lse: torch.Tensor) -> torch.Tensor:
     return dist_sum_((lse - m).exp()).log() + m
 
 
-def _log_colsum(p, log_p):
-    """log sum_n p_nk. Sums in linear space, falling back to logsumexp only for columns that underflow to 0."""
+def _log_colsum(p, logits):
+    """log sum_n p_nk. Sums in linear space, and in log space (logsumexp) only for columns that underflow to 0,
+    so log Q stays finite even at beta = 1e4."""
     col = p.sum(0)
     out = col.log()
     under = col == 0
     if under.any():
-        out[under] = torch.logsumexp(log_p[:, under], dim=0)
+        log_p = logits[:, under] - torch.logsumexp(logits, dim=1, keepdim=True)
+        out[under] = torch.logsumexp(log_p, dim=0)
     return out
 
 
