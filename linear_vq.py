@@ -10,8 +10,10 @@ is the VQ-VAE loss (van den Oord et al. 2017, "Neural Discrete Representation Le
 the forward pass and carries a gradient estimator backwards:
   - straight-through (STE, Bengio et al. 2013; van den Oord et al. 2017): dL/dz = dL/dq;
   - rotation estimator as seed 003 defines it: dL/dz = (dL/dq . u) u with u = (q - z)/|q - z|, i.e. only the
-    component of the gradient along the quantization displacement passes (cf. Fifty et al. 2024, "Restructuring
-    Vector Quantization with the Rotation Trick").
+    component of the gradient along the quantization displacement passes. (Fifty et al. 2024, "Restructuring
+    Vector Quantization with the Rotation Trick", rotate and rescale instead; that estimator is not studied here.)
+    With W^T W = I the reconstruction gradient dL/dq~ = (2/B)(W^T x_hat - z) = (2/B)(q - z) is already along u, so
+    on the Stiefel manifold this estimator equals STE up to rounding (tested).
 W moves by Riemannian SGD on the Stiefel manifold (Edelman, Arias & Smith 1998; Absil, Mahony & Sepulchre 2008):
 the Euclidean gradient is projected to the tangent space and the step is retracted by the polar factor.
 
@@ -27,9 +29,16 @@ import csv
 import ctypes
 import math
 import multiprocessing
+import os
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+
+if __name__ in ("__main__", "__mp_main__"):  # CLI runs and their timing workers only, never on import
+    # Matrices here are at most 512 x 64: threads cost more than they save, and on a shared 2-core machine they
+    # fight. OpenBLAS and OpenMP read these once, so they must be set before numpy and torch are imported.
+    for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
 
 import numpy as np
 import torch
@@ -116,7 +125,7 @@ def make_data(cfg):
     return Data(sample(cfg.n_train), sample(cfg.n_eval), U, lam)
 
 
-#### Codebook fitting: nearest code, k-means++, Lloyd ####################################################################
+#### Codebook fitting: nearest code, k-means++, Lloyd ##################################################################
 
 
 def nearest(z, E):
@@ -339,9 +348,15 @@ METRICS = ["recon_mse", "in_sub_dist", "out_of_span", "usage_entropy", "entropy_
 #### Training ##########################################################################################################
 
 
+INIT_W = {
+    "random": lambda cfg, x, rng: random_stiefel(cfg.D, cfg.m, rng),
+    "pca": lambda cfg, x, rng: pca_basis(x, cfg.m),
+}
+
+
 def init_params(cfg, x, rng):
-    """Initial W (random on the Stiefel manifold, or PCA) and a k-means++ codebook on z = W^T x."""
-    W = random_stiefel(cfg.D, cfg.m, rng) if cfg.init_W == "random" else pca_basis(x, cfg.m)
+    """Initial W (cfg.init_W) and a k-means++ codebook on z = W^T x."""
+    W = INIT_W[cfg.init_W](cfg, x, rng)
     return W, kmeanspp(x @ W, cfg.K, rng)
 
 
@@ -383,7 +398,7 @@ def run_method(cfg, data, method):
     return [{"step": t, **final} for t in log_steps(cfg)], (W, E)
 
 
-#### Output: CSV, Markdown, PNG #########################################################################################
+#### Output: CSV, Markdown, PNG ########################################################################################
 
 
 def write_csv(path, rows):
@@ -414,16 +429,24 @@ def plot(path, panels):
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, (title, xlabel, ylabel, curves, logx, logy) in zip(axes[0], panels):
-        for label, (xs, ys) in curves.items():
-            ax.plot(xs, ys, marker="o", ms=3, label=label)
+        for i, (label, (xs, ys)) in enumerate(curves.items()):
+            # Distinct dash styles: identical trajectories (manual = autograd = rotation) stay visible.
+            ax.plot(xs, ys, marker="o", ms=3, ls=["-", "--", ":", "-."][i % 4], label=label)
         ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-        ax.set_xscale("log", base=2) if logx else None
-        ax.set_yscale("log") if logy else None
+        if logx:
+            ax.set_xscale("log", base=2)
+        if logy:
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def step_curves(histories, key):
+    """{method label: (steps, values of key)} for plot()."""
+    return {METHODS[m][0]: ([r["step"] for r in h], [r[key] for r in h]) for m, h in histories.items()}
 
 
 def f4(v):
@@ -455,12 +478,12 @@ def run_verify(cfg):
     header = ["Metric", "Autograd STE", "Manual STE", "Abs diff", "Rel diff", "Max abs diff over trajectory"]
     note = f"D={cfg.D}, m={cfg.m}, K={cfg.K}, r={cfg.r}, N={cfg.n_train}/{cfg.n_eval}, {cfg.steps} steps, float64."
     text = write_md(out / "verify.md", "Verification: autograd vs manual STE", note + "\n\n" + md_table(header, rows))
-    steps = [r["step"] for r in ha]
-    gap = [max(max(abs(ra[k] - rm[k]) for k in METRICS), 1e-18) for ra, rm in zip(ha, hm)]  # log axis: floor 1e-18
+    gap = [max(max(abs(ra[k] - rm[k]) for k in METRICS), 1e-18) for ra, rm in zip(ha, hm)]  # log axis: 0 -> 1e-18
     plot(out / "verify.png", [
-        ("Eval reconstruction MSE", "step", "recon MSE", {l: (steps, [r["recon_mse"] for r in h]) for l, h in
-                                                           (("Autograd STE", ha), ("Manual STE", hm))}, False, False),
-        ("Largest metric difference", "step", "max |autograd - manual|", {"all metrics": (steps, gap)}, False, True),
+        ("Eval reconstruction MSE", "step", "recon MSE", step_curves({m: h for m, (h, _) in runs.items()},
+                                                                      "recon_mse"), False, False),
+        ("Largest metric difference (0 drawn at 1e-18)", "step", "max |autograd - manual|",
+         {"all metrics": ([r["step"] for r in ha], gap)}, False, True),
     ])
     return text
 
@@ -490,10 +513,10 @@ def run_convergence(cfg):
     base = results["pca_lloyd"][-1]["recon_mse"]
     text = write_md(out / "convergence.md", "Convergence (all four methods)",
                     note + "\n\n" + md_table(header, final_rows(results, cfg.K, base)))
-    curves = lambda key: {METHODS[m][0]: ([r["step"] for r in h], [r[key] for r in h]) for m, h in results.items()}
-    plot(out / "convergence.png", [("Eval reconstruction MSE", "step", "recon MSE", curves("recon_mse"), False, True),
-                                   ("Eval in-subspace distortion", "step", "|z - q|^2", curves("in_sub_dist"), False,
-                                    True)])
+    plot(out / "convergence.png", [
+        ("Eval reconstruction MSE", "step", "recon MSE", step_curves(results, "recon_mse"), False, True),
+        ("Eval in-subspace distortion", "step", "|z - q|^2", step_curves(results, "in_sub_dist"), False, True),
+    ])
     return text
 
 
@@ -621,10 +644,11 @@ def run_timing(cfg):
               f"{r['fit_ms']:.1f}", f"{r['peak_mib']:.2f}", kind[METHODS[r["method"]][1]]] for r in rows]
     header = ["Method", "Time per step (ms, median)", "vs Autograd STE", "Fit / init (ms)", "Peak memory growth (MiB)",
               "Gradient computation"]
+    blas = os.environ.get("OPENBLAS_NUM_THREADS", "default")
     body = (f"K={cfg.K}, batch={cfg.batch}, D={cfg.D}, m={cfg.m}, float64, {cfg.timing_steps} timed steps; "
-            f"torch threads={torch.get_num_threads()}. Fit/init = PCA + k-means++ + Lloyd for the baseline, "
-            "k-means++ for the others. Peak memory = resident-set growth during 20 steps (the whole fit for "
-            "the baseline), in a fresh process per method.\n\n" + md_table(header, table))
+            f"threads: torch {torch.get_num_threads()}, OpenBLAS {blas}. Fit/init = PCA + k-means++ + Lloyd for the "
+            "baseline, k-means++ for the others. Peak memory = resident-set growth during 20 steps (the whole fit "
+            "for the baseline), in a fresh process per method.\n\n" + md_table(header, table))
     return write_md(out / "timing.md", "Computational cost", body)
 
 
