@@ -15,8 +15,10 @@ Q the marginal over codes, z_q quantized latents, x_hat reconstruction, beta the
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import inspect
 import json
 import math
 import os
@@ -343,13 +345,30 @@ def _no_autocast(device_type: str):
 
 def dist_sum_(t: torch.Tensor) -> torch.Tensor:
     """Sum a statistic over data-parallel ranks in place (no-op in a single process)."""
-    if dist.is_available() and dist.is_initialized():
+    if _world() > 1:
         dist.all_reduce(t)
     return t
 
 
+_rank_local_depth = 0
+
+
+@contextlib.contextmanager
+def rank_local():
+    """Quantizers reduce nothing across ranks inside this block: for a forward that only some ranks run
+    (rank 0's reconstruction image), which would otherwise wait forever on the others."""
+    global _rank_local_depth
+    _rank_local_depth += 1
+    try:
+        yield
+    finally:
+        _rank_local_depth -= 1
+
+
 def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if _rank_local_depth or not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size()
 
 
 def scatter_sum(idx: torch.Tensor, e: torch.Tensor, K: int) -> torch.Tensor:
@@ -489,8 +508,7 @@ class _CodebookQuantizer(nn.Module):
         n_dead = dead.sum()
         if n_dead.item() == 0:
             return n_dead
-        rows = torch.randint(len(e), (int(n_dead),), device=e.device)
-        self.codebook.data[dead] = _broadcast(e[rows])
+        self.codebook.data[dead] = _random_rows(e, int(n_dead))
         self.ema_count[dead] = self.cfg.dead_code_threshold  # at the threshold: alive until it decays unused
         self._resync_sums()
         return n_dead
@@ -554,6 +572,11 @@ class _BAAssign(torch.autograd.Function):
     sums p_T^T e for an EMA codebook. Backward recomputes each chunk (or reuses it when all chunks fit
     `cache_limit` elements) and propagates through every iteration, including through log Q_{t-1}, as autograd
     would through the direct formula (`ba_assign_direct`).
+
+    Data-parallel ranks (torch.distributed): Q is the marginal over the rows of ALL ranks (N = the global count).
+    Each rank's loss sees that one Q, and DDP averages parameter gradients over ranks, so backward returns
+    world x (this rank's share of the gradient of the global batch's loss): the adjoint of log Q and the column
+    sums that carry it to log Q_{t-1} are summed over ranks. DDP's mean then equals one process on the global batch.
     """
 
     @staticmethod
@@ -565,6 +588,9 @@ class _BAAssign(torch.autograd.Function):
         z = e.new_empty(len(e), C.shape[1])
         idx = torch.empty(N, dtype=torch.long, device=e.device)
         sums = torch.zeros_like(C) if want_sums else None
+        world = _world()
+        # log of the number of rows on all ranks (a rank's slice of a ragged validation batch may be empty)
+        log_N = math.log(N) if world == 1 else dist_sum_(torch.tensor(float(N), device=e.device)).log()
         for t in range(iters):
             last = t == iters - 1
             lse = torch.full((K,), -math.inf, device=e.device)
@@ -579,28 +605,30 @@ class _BAAssign(torch.autograd.Function):
                     idx[s:s + chunk] = logits.argmax(1)
                     if want_sums:
                         sums.addmm_(p.t(), e[s:s + chunk])
-            log_Qs.append(_dist_logsumexp(lse) - math.log(N * _world()))
+            log_Qs.append(_dist_logsumexp(lse) - log_N)
         ctx.save_for_backward(e, C, *log_Qs)
         ctx.saved_p = saved if cache else None
-        ctx.cfg = (beta, iters, chunk)
+        ctx.cfg = (beta, iters, chunk, world, log_N)
         ctx.mark_non_differentiable(idx)
-        counts = log_Qs[-1].exp() * N
+        counts = log_Qs[-1].exp() * N  # this rank's share N Q of the soft counts: summed over ranks, N_global Q
         return z, log_Qs[-1], idx, counts, sums
 
     @staticmethod
     def backward(ctx, g_z, g_logQ, _g_idx, _g_counts, _g_sums):
         e, C, *log_Qs = ctx.saved_tensors
-        beta, iters, chunk = ctx.cfg
+        beta, iters, chunk, world, log_N = ctx.cfg
         N = len(e)
         c_sq = (C * C).sum(1)
         g_e = torch.zeros_like(e)
         g_C = torch.zeros_like(C) if ctx.needs_input_grad[1] else None
-        g_lq = g_logQ if g_logQ is not None else torch.zeros_like(log_Qs[-1])
+        rank_sum = dist_sum_ if world > 1 else (lambda t: t)
+        # every rank's loss depends on the one global log Q: summed, its adjoint counts each rank's loss once
+        g_lq = rank_sum(g_logQ.clone() if g_logQ is not None else torch.zeros_like(log_Qs[-1]))
         for t in reversed(range(iters)):
             last = t == iters - 1
             need_colsum = t > 0 or g_C is not None
             # log Q_t,k = log sum_n p_nk - log N, so dL/dp_nk gains g_lq_k / (N Q_t,k): a per-column weight
-            w = g_lq * torch.exp(-log_Qs[t + 1] - math.log(N))
+            w = g_lq * torch.exp(-log_Qs[t + 1] - log_N)
             safe = bool(torch.isfinite(w).all())  # Q_k below ~1e-38: take the log-space route for that backward
             g_lq_prev = torch.zeros_like(g_lq)
             for j, s in enumerate(range(0, N, chunk)):
@@ -612,7 +640,7 @@ class _BAAssign(torch.autograd.Function):
                     a = p * (G + w)  # dL/dlogits before the softmax's normalisation
                 else:
                     log_p = torch.log_softmax(_ba_logits(e[rows], C, c_sq, log_Qs[t], beta), dim=1)
-                    a = p * G + g_lq * (log_p - log_Qs[t + 1] - math.log(N)).exp()
+                    a = p * G + g_lq * (log_p - log_Qs[t + 1] - log_N).exp()
                 g_logits = torch.addcmul(a, p, a.sum(1, keepdim=True), value=-1.0)  # rows sum to zero
                 # logits = log Q + 2 beta e.c - beta ||c||^2 (+ a per-row constant whose gradient is zero)
                 g_e[rows].addmm_(g_logits, C, alpha=2.0 * beta)
@@ -624,7 +652,8 @@ class _BAAssign(torch.autograd.Function):
                         g_C.addmm_(p.t(), g_z[rows])
                     g_C.addmm_(g_logits.t(), e[rows], alpha=2.0 * beta)
                     g_C.sub_((2.0 * beta) * col[:, None] * C)
-            g_lq = g_lq_prev
+            # log Q_{t-1} is global too: its adjoint sums the column sums of every rank's rows
+            g_lq = rank_sum(g_lq_prev) if t > 0 else g_lq_prev
         return g_e, g_C, None, None, None, None, None, None
 
 
@@ -663,14 +692,14 @@ def ba_assign(e, C, log_Q0, beta: float, iters: int, chunk: int, want_sums: bool
 
 def ba_assign_direct(e, C, log_Q0, beta: float, iters: int):
     """The same computation written plainly with an (N, K) distance matrix; autograd does the backward.
-    Reference for tests and for the benchmark."""
+    Reference for tests and for the benchmark. Returns (z_soft (N,D), log_Q (K,), idx (N,), p (N,K))."""
     d = (e * e).sum(1, keepdim=True) - 2 * e @ C.t() + (C * C).sum(1)  # (N, K)
     log_Q = log_Q0
     for _ in range(iters):
         log_p = torch.log_softmax(log_Q - beta * d, dim=1)
         log_Q = torch.logsumexp(log_p, dim=0) - math.log(len(e))
     p = log_p.exp()
-    return p @ C, log_Q, log_p.argmax(1)
+    return p @ C, log_Q, log_p.argmax(1), p
 
 
 def entropy_from_log(log_Q: torch.Tensor) -> torch.Tensor:
@@ -741,6 +770,7 @@ QUANTIZERS = {"vq_ema": VQEMAQuantizer, "ba_vq": BAQuantizer}
 
 
 def _gather_rows(e: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows, in rank order: the global batch (training shards are equal in size)."""
     if _world() == 1:
         return e
     parts = [torch.empty_like(e) for _ in range(_world())]
@@ -748,8 +778,20 @@ def _gather_rows(e: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def _random_rows(e: torch.Tensor, n: int) -> torch.Tensor:
+    """n rows drawn uniformly (with replacement) from the global batch, the same rows on every rank and the same
+    draw one process holding the whole batch would make. Only the n picked rows cross ranks, not the batch."""
+    if _world() == 1:
+        return e[torch.randint(len(e), (n,), device=e.device)]
+    rows = torch.randint(len(e) * _world(), (n,), device=e.device)  # same RNG state on every rank
+    mine = rows // len(e) == dist.get_rank()
+    out = torch.zeros(n, e.shape[1], dtype=e.dtype, device=e.device)
+    out[mine] = e[rows[mine] % len(e)]
+    return dist_sum_(out)
+
+
 def _broadcast(t: torch.Tensor) -> torch.Tensor:
-    """Rank 0's value everywhere, so random decisions (k-means, restarts) agree across ranks."""
+    """Rank 0's value everywhere, so random decisions (k-means) agree across ranks."""
     if _world() > 1:
         t = t.contiguous()
         dist.broadcast(t, 0)
@@ -859,6 +901,21 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def compile_nets(model: VQVAE, device: torch.device, backend: str = "inductor") -> bool:
+    """torch.compile the encoder and decoder in place (state_dict keys unchanged). The quantizer stays eager: its
+    chunked loops, data-dependent shapes and collectives would break the graph for little gain. Where compiling
+    is unsupported (no C++ compiler or Triton, a Python Dynamo does not support) warns and returns False."""
+    try:
+        # compilation is lazy: a trivial function compiled and run now finds a missing backend before training
+        torch.compile(lambda t: t * 2 + 1, backend=backend)(torch.ones(8, device=device))
+        model.encoder.compile(backend=backend)
+        model.decoder.compile(backend=backend)
+    except Exception as err:
+        warnings.warn(f"torch.compile unavailable on {device.type} ({type(err).__name__}: {err}); running eagerly")
+        return False
+    return True
+
+
 def autocast_dtype(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
     precision = cfg.precision
     if precision == "auto":
@@ -887,6 +944,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: Path, device: torch.device, rank: int = 0, world: int = 1):
         self.cfg, self.run_dir, self.device, self.rank, self.world = cfg, run_dir, device, rank, world
+        if cfg.batch_size % world:  # equal shards: DDP's mean of rank gradients is then the global batch's
+            raise UserError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
         set_seed(cfg.seed)
         train_u8, test_u8 = load_cifar10(cfg)
         self.train_batches = Batches(train_u8, cfg.batch_size, device, True, cfg.seed, rank, world)
@@ -903,18 +962,21 @@ class Trainer:
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0
         self.epoch_sums: dict[str, torch.Tensor] = {}
         self.pending: list[tuple[int, torch.Tensor]] = []  # (step, stacked loss terms) not yet checked for NaN
+        self.val_metrics: Optional[dict] = None  # of the last finished epoch; the final metrics once training ends
 
-    def _wrap(self, model: nn.Module) -> nn.Module:
-        net = model
-        if self.world > 1:
-            net = nn.parallel.DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda"
-                                                      else None)
+    def _wrap(self, model: VQVAE) -> nn.Module:
         if self.cfg.compile:
-            try:
-                net = torch.compile(net)
-            except Exception as err:  # e.g. a platform torch.compile does not support
-                warnings.warn(f"torch.compile unavailable ({err}); running eagerly")
-        return net
+            compile_nets(model, self.device)
+        if self.world == 1:
+            return model
+        ddp = nn.parallel.DistributedDataParallel
+        # CPU conv backward gives 1x1 weights' grads other (equivalent) strides than DDP's buckets: one copy, no harm
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        # buffers are not synced each forward: every rank derives the same codebook from statistics summed over ranks
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters \
+            else "broadcast_buffers"  # the older name
+        return ddp(model, device_ids=[self.device] if self.device.type == "cuda" else None, **{no_sync: False},
+                   gradient_as_bucket_view=True)
 
     # -- one step -----------------------------------------------------------------------------------------------
     def autocast(self):
@@ -936,7 +998,8 @@ class Trainer:
         self.scaler.update()
         terms = {"loss": loss.detach(), "recon_loss": recon_loss.detach(),
                  **{k: v.detach() for k, v in quant_losses.items()}, "grad_norm": grad_norm.detach()}
-        self.pending.append((self.step, torch.stack(list(terms.values()))))
+        # numbered like metrics.jsonl: step N is the N-th optimizer step
+        self.pending.append((self.step + 1, torch.stack(list(terms.values()))))
         self._pending_names = list(terms)
         return {**terms, **{k: v for k, v in metrics.items() if k != "code_indices"}}
 
@@ -949,10 +1012,12 @@ class Trainer:
         if self.scaler.is_enabled():  # fp16: inf gradients are the scaler's business (it skips the step)
             bad[:, self._pending_names.index("grad_norm")] = False
         if bad.any():
-            row, col = bad.nonzero()[0].tolist()
-            step = self.pending[row][0]
-            raise NonFiniteError(f"non-finite {self._pending_names[col]} at step {step} "
-                                 f"(epoch {self.epoch + 1}); stopping, last good checkpoint kept")
+            row = int(bad.any(1).nonzero()[0])
+            # name the term that broke rather than the total "loss" it propagates into
+            names = [n for n, b in zip(self._pending_names, bad[row].tolist()) if b]
+            term = next((n for n in names if n != "loss"), names[0])
+            raise NonFiniteError(f"non-finite {term} at step {self.pending[row][0]} (epoch {self.epoch + 1}); "
+                                 f"stopping, last good checkpoint kept")
         self.pending.clear()
 
     # -- epochs -------------------------------------------------------------------------------------------------
@@ -968,16 +1033,34 @@ class Trainer:
             progress.update(1)
             if self.step % self.cfg.log_every == 0:
                 self.check_finite()
-                record = {f"train/{k}": v.item() for k, v in out.items()}
+                record = {f"train/{k}": v.item() for k, v in self._rank_mean(out, self._pending_names).items()}
                 logger.log({"step": self.step, "epoch": self.epoch + 1, **record})
                 progress.set_postfix(loss=f"{record['train/loss']:.4f}", ppl=f"{record['train/perplexity']:.1f}")
-            if stop.requested:
+            if self.stop_agreed(stop):
                 return False
         return True
 
+    def stop_agreed(self, stop: "StopFlag", anytime: bool = False) -> bool:
+        """Whether to stop on a signal. With several ranks they decide together (a rank that left alone would
+        leave the others waiting in a collective), within a step at log steps only, to spare a sync per step."""
+        if self.world == 1:
+            return stop.requested
+        if not anytime and self.step % self.cfg.log_every:
+            return False
+        return bool(dist_sum_(torch.tensor(float(stop.requested), device=self.device)) > 0)
+
+    def _rank_mean(self, values: dict, names: list[str]) -> dict:
+        """values[name] averaged over ranks for each name (loss terms: the global batch's, as shards are equal);
+        the other entries (batch perplexity, usage) stay this rank's."""
+        if self.world == 1 or not names:
+            return values
+        means = dist_sum_(torch.stack([values[k].float() for k in names])) / self.world
+        return {**values, **dict(zip(names, means))}
+
     def epoch_means(self) -> dict:
         n = max(self.step_in_epoch, 1)
-        return {k: (v / n).item() for k, v in self.epoch_sums.items()}
+        sums = self._rank_mean(self.epoch_sums, list(self.epoch_sums))
+        return {k: (v / n).item() for k, v in sums.items()}
 
 
 @torch.no_grad()
@@ -989,19 +1072,19 @@ def validate(model: VQVAE, batches: Batches, autocast=None) -> dict:
     sums: dict[str, torch.Tensor] = {}
     n_images = 0
     for x in batches.epoch(0):
+        # every rank runs every batch, even an empty slice of the ragged last one: BA reduces Q over ranks
         with autocast or torch.autocast(x.device.type, enabled=False):
             x_hat, recon_loss, quant_losses, metrics = model(x)
         terms = {"recon_loss": recon_loss, **quant_losses}
         terms["loss"] = sum(terms.values())
-        for k, v in terms.items():
-            sums[k] = sums.get(k, 0) + v.float() * len(x)
+        for k, v in terms.items():  # image-weighted; an empty slice's means are NaN and add nothing
+            sums[k] = sums.get(k, 0) + (v.float() * len(x) if len(x) else torch.zeros((), device=x.device))
         counts += code_histogram(metrics["code_indices"], K)
         n_images += len(x)
-    for v in sums.values():
-        dist_sum_(v)
+    names = list(sums)
+    totals = dist_sum_(torch.stack([*(sums[k] for k in names), counts.new_tensor(n_images, dtype=torch.float)]))
     dist_sum_(counts)
-    n_images *= _world()
-    result = {k: (v / n_images).item() for k, v in sums.items()}
+    result = dict(zip(names, (totals[:-1] / totals[-1]).tolist()))
     result["psnr"] = psnr_from_mse(result["recon_loss"])
     result.update({k: float(v) for k, v in codebook_stats(counts).items()})
     result["dead_codes"] = int(result["dead_codes"])
@@ -1028,14 +1111,21 @@ class Logger:
             self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record.get("step"))
 
     def truncate_after(self, step: int):
-        """Drop records written after `step` (a resumed run replays them)."""
+        """Drop records written after `step` (a resumed run replays them), and a line cut short by a kill."""
         if self.enabled and self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines() if json.loads(ln).get("step", 0) <= step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+            keep = [ln for ln in self.path.read_text().splitlines() if _record_step(ln) <= step]
+            atomic_write(self.path, lambda fh: fh.write("".join(ln + "\n" for ln in keep).encode()))
 
     def finish(self):
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def _record_step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:  # the partial last line of a killed run
+        return math.inf
 
 
 def _init_wandb(cfg: Config, run_dir: Path):
@@ -1091,8 +1181,14 @@ class StopFlag:
 
 
 class Interrupted(Exception):
-    def __init__(self, signum: int, path: Path):
-        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint written to {path}")
+    """Raised after a stop signal once last.pt holds the state; the CLI exits 128 + signum (130 / 143)."""
+
+    def __init__(self, signum: Optional[int], trainer: "Trainer"):
+        cfg = trainer.cfg
+        signum = signum or signal.SIGTERM  # a rank that stops because another rank was signalled
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {trainer.step}; checkpoint "
+                         f"{trainer.run_dir / 'last.pt'} written; continue with --resume --name {cfg.name} "
+                         f"--out_dir {cfg.out_dir}")
         self.exit_code = 128 + signum
 
 
@@ -1100,14 +1196,18 @@ def train(cfg: Config) -> dict:
     """Train one run end to end; returns the final validation metrics (also in final_metrics.json)."""
     if cfg.resume and not cfg.name:
         raise UserError("--resume needs --name (the run to continue)")
+    own_group = not (dist.is_available() and dist.is_initialized())
     rank, world = _dist_rank_world()
     device = pick_device(cfg.device) if world == 1 else _ddp_device(cfg, rank)
     cfg = _name_run(cfg)
     run_dir = Path(cfg.out_dir) / cfg.name
-    ckpt = prepare_run_dir(cfg, run_dir, is_main=rank == 0)
+    # every check (run folder, checkpoint, data) passes before anything on disk is created or changed
+    ckpt = check_run_dir(cfg, run_dir)
     trainer = Trainer(cfg, run_dir, device, rank, world)
     if ckpt is not None:
         restore_training_state(trainer, ckpt)
+    if rank == 0:
+        prepare_run_dir(cfg, run_dir, resume=ckpt is not None)
     logger = Logger(cfg, run_dir, enabled=rank == 0)
     if ckpt is not None:
         logger.truncate_after(trainer.step)
@@ -1118,32 +1218,44 @@ def train(cfg: Config) -> dict:
     finally:
         logger.finish()
     if rank == 0:
-        _write_final(trainer, metrics)
+        with rank_local():  # rank 0 alone: its reconstruction forward must not wait for the other ranks
+            _write_final(trainer, metrics)
+    if world > 1 and own_group:
+        dist.destroy_process_group()
     return metrics
 
 
 def _train_loop(trainer: Trainer, logger: Logger, stop: StopFlag) -> dict:
     from tqdm.auto import tqdm
-    cfg, metrics = trainer.cfg, {}
-    with tqdm(total=trainer.total_steps, initial=trainer.step, desc=cfg.name, disable=None,
-              dynamic_ncols=True, leave=False) as progress:
+    cfg = trainer.cfg
+    with tqdm(total=trainer.total_steps, initial=trainer.step, desc=cfg.name,
+              disable=None if trainer.rank == 0 else True, dynamic_ncols=True, leave=False) as progress:
         while trainer.epoch < cfg.epochs:
             t0 = time.time()
             finished = trainer.train_epoch(logger, stop, progress)
             trainer.check_finite()
             if not finished:
-                path = save_checkpoint(trainer, "last.pt")
-                raise Interrupted(stop.signum, path)
-            metrics = _end_epoch(trainer, logger, t0)
-    return metrics
+                if trainer.rank == 0:
+                    save_checkpoint(trainer, "last.pt")
+                raise Interrupted(stop.signum, trainer)
+            _end_epoch(trainer, logger, t0)
+            if trainer.stop_agreed(stop, anytime=True):  # signalled during validation: last.pt was just written
+                raise Interrupted(stop.signum, trainer)
+    # a run resumed after its last epoch (killed before the final files) reports that epoch's metrics
+    return trainer.val_metrics or {}
 
 
 def _end_epoch(trainer: Trainer, logger: Logger, t0: float) -> dict:
     cfg = trainer.cfg
     train_means = trainer.epoch_means()
     val = validate(trainer.model, trainer.val_batches, trainer.autocast())
+    bad = [k for k, v in val.items() if not math.isfinite(v)]
+    if bad:
+        raise NonFiniteError(f"non-finite val/{bad[0]} after epoch {trainer.epoch + 1} (step {trainer.step}); "
+                             f"stopping, last good checkpoint kept")
     seconds = time.time() - t0  # training and validation of this epoch
     trainer.epoch += 1
+    trainer.val_metrics = val
     trainer.step_in_epoch, trainer.epoch_sums = 0, {}
     record = {"step": trainer.step, "epoch": trainer.epoch, "epoch_time": seconds,
               **{f"train/{k}": v for k, v in train_means.items() if k in ("loss", "recon_loss", "commitment_loss",
@@ -1155,9 +1267,10 @@ def _end_epoch(trainer: Trainer, logger: Logger, t0: float) -> dict:
               f"Val Loss: {val['loss']:.4f} | PSNR: {val['psnr']:.2f} | Perplexity: {val['perplexity']:.1f} | "
               f"Usage: {val['usage_rate'] * 100:.1f}%" + (f" | beta: {val['beta']:.3f}" if "beta" in val else "")
               + f" | {seconds:.1f}s")
-        save_checkpoint(trainer, "last.pt", val)
+        # last.pt after the periodic file: a run killed in between redoes the epoch and writes both
         if trainer.epoch % cfg.checkpoint_every == 0:
             save_checkpoint(trainer, f"checkpoint_epoch{trainer.epoch}.pt", val)
+        save_checkpoint(trainer, "last.pt", val)
     return val
 
 
@@ -1166,8 +1279,9 @@ def _write_final(trainer: Trainer, metrics: dict):
     atomic_write(run_dir / "final_model.pt", lambda fh: torch.save(
         {"format": CHECKPOINT_FORMAT, "config": config_to_dict(trainer.cfg),
          "model": trainer.model.state_dict(), "val_metrics": metrics}, fh))
-    atomic_write(run_dir / "final_metrics.json", lambda fh: fh.write(json.dumps(metrics, indent=2).encode()))
     save_reconstructions(trainer.model, trainer.val_batches, run_dir / "reconstructions.png")
+    # written last: sweeps take final_metrics.json as the sign of a finished run
+    atomic_write(run_dir / "final_metrics.json", lambda fh: fh.write(json.dumps(metrics, indent=2).encode()))
     print(f"Training complete. Results in {run_dir}")
 
 
@@ -1184,7 +1298,10 @@ def save_reconstructions(model: VQVAE, batches: Batches, path: Path, n: int = 8)
 def _name_run(cfg: Config) -> Config:
     if cfg.name:
         return cfg
-    return dataclasses.replace(cfg, name=f"{cfg.quantizer}_k{cfg.codebook_size}_{time.strftime('%Y%m%d-%H%M%S')}")
+    name = [f"{cfg.quantizer}_k{cfg.codebook_size}_{time.strftime('%Y%m%d-%H%M%S')}"]
+    if _world() > 1:  # the clock may tick between ranks: rank 0's name everywhere
+        dist.broadcast_object_list(name, 0)
+    return dataclasses.replace(cfg, name=name[0])
 
 
 def _print_header(cfg: Config, trainer: Trainer, device, rank: int):
@@ -1198,19 +1315,25 @@ def _print_header(cfg: Config, trainer: Trainer, device, rank: int):
 
 
 def _dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process; under torchrun (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment)
+    the process group is started here: gloo for CPU tensors, and NCCL for CUDA tensors where CUDA is present."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend)
+            cuda = torch.cuda.is_available() and dist.is_nccl_available()
+            dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
 def _ddp_device(cfg: Config, rank: int) -> torch.device:
-    if torch.cuda.is_available() and cfg.device in ("auto", "cuda"):
+    """One device per process: cuda:LOCAL_RANK when CUDA is asked for (or auto and present), else the CPU."""
+    name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
         local = int(os.environ.get("LOCAL_RANK", rank))
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
+    if name != "cpu":
+        raise UserError(f"multi-process training runs on CUDA or the CPU, not on {name}")
     return torch.device("cpu")
 
 
@@ -1234,7 +1357,21 @@ def atomic_write(path: Path, write) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)  # the rename itself survives a power cut only once the folder is synced
     return path
+
+
+def _fsync_dir(folder: Path):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # platforms that cannot open a folder (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(trainer: Trainer, filename: str, val_metrics: Optional[dict] = None) -> Path:
@@ -1281,6 +1418,7 @@ def restore_training_state(trainer: Trainer, state: dict):
     trainer.scaler.load_state_dict(state["scaler"])
     trainer.step, trainer.epoch, trainer.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
     trainer.epoch_sums = {k: v.to(trainer.device) for k, v in state["epoch_sums"].items()}
+    trainer.val_metrics = state.get("val_metrics")
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
@@ -1289,27 +1427,38 @@ def restore_training_state(trainer: Trainer, state: dict):
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def prepare_run_dir(cfg: Config, run_dir: Path, is_main: bool = True) -> Optional[dict]:
-    """Create (or reopen, for --resume) the run folder. Returns the checkpoint to resume from, if any.
-    Refuses to touch an existing run unless resume or overwrite is asked for."""
+RESUME_KEYS = ("config", "model", "optimizer", "scaler", "step", "epoch", "step_in_epoch", "epoch_sums", "rng")
+
+
+def check_run_dir(cfg: Config, run_dir: Path) -> Optional[dict]:
+    """Every check on the run folder, writing nothing. Returns the checkpoint to resume from (resume) or None.
+    Refuses an existing run unless resume or overwrite is asked for."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} is a file")
     last = run_dir / "last.pt"
     if cfg.resume:
         if not last.exists():
             raise UserError(f"--resume: no checkpoint at {last}")
         state = read_checkpoint(last)
+        missing = [k for k in RESUME_KEYS if k not in state]
+        if missing:
+            raise UserError(f"--resume: {last} is not a resumable checkpoint (it has no {', '.join(missing)})")
         check_resume_config(make_config(state["config"]), cfg)
-        if is_main:
-            write_config(cfg, run_dir)
         return state
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not cfg.overwrite:
-            raise UserError(f"run folder {run_dir} exists; pass --resume to continue it or --overwrite to replace it")
-        if is_main:
-            shutil.rmtree(run_dir)
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_config(cfg, run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.overwrite:
+        raise UserError(f"run folder {run_dir} exists; pass --resume to continue it or --overwrite to replace it")
     return None
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool):
+    """Create the run folder (replacing it under overwrite) or reopen it to resume; write config.yaml.
+    Called once check_run_dir and the data have passed."""
+    if resume:
+        for tmp in run_dir.glob(".*.tmp"):  # left by an atomic write that a kill cut short
+            tmp.unlink()
+    elif cfg.overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    write_config(cfg, run_dir)
 
 
 def check_resume_config(saved: Config, given: Config):
@@ -1347,7 +1496,13 @@ def read_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # the cut last line of a killed run
+            continue
+    return records
 
 
 def find_runs(root: str | Path) -> list[Path]:
@@ -1363,3 +1518,103 @@ def load_run(run_dir: str | Path) -> dict:
             "config": read_yaml(run_dir / "config.yaml"),
             "final": json.loads(final.read_text()) if final.exists() else None,
             "records": read_jsonl(run_dir / "metrics.jsonl")}
+
+
+TABLE_SETTINGS = ("quantizer", "codebook_size", "epochs", "commitment_weight")
+TABLE_BA_SETTINGS = ("beta_start", "beta_end", "ba_iters", "entropy_weight")  # meaningless for vq_ema: None there
+TABLE_METRICS = ("psnr", "perplexity", "usage_rate", "dead_codes")
+
+
+def runs_table(runs: list[dict]) -> list[dict]:
+    """One row per loaded run: the settings the seeds varied, final validation metrics (None while unfinished)
+    and wall time (sum of the logged epoch times)."""
+    rows = []
+    for run in runs:
+        cfg, final = run["config"], run["final"] or {}
+        is_ba = cfg.get("quantizer") == "ba_vq"
+        rows.append({"run": run["name"], **{k: cfg.get(k) for k in TABLE_SETTINGS},
+                     **{k: cfg.get(k) if is_ba else None for k in TABLE_BA_SETTINGS},
+                     **{k: final.get(k) for k in TABLE_METRICS},
+                     "wall_time_s": sum(r.get("epoch_time", 0.0) for r in run["records"])})
+    return rows
+
+
+def epoch_curves(run: dict) -> dict[str, np.ndarray]:
+    """Validation metrics per epoch: epoch, psnr, perplexity, usage_rate (arrays of one length)."""
+    recs = [r for r in run["records"] if "val/psnr" in r]
+    return {"epoch": np.array([r["epoch"] for r in recs], dtype=int),
+            **{k: np.array([r[f"val/{k}"] for r in recs], dtype=float) for k in ("psnr", "perplexity", "usage_rate")}}
+
+
+def step_curves(run: dict) -> dict[str, np.ndarray]:
+    """Records logged every log_every steps: step, batch perplexity and beta (NaN for quantizers without one)."""
+    recs = [r for r in run["records"] if "train/perplexity" in r]
+    return {"step": np.array([r["step"] for r in recs], dtype=int),
+            "perplexity": np.array([r["train/perplexity"] for r in recs], dtype=float),
+            "beta": np.array([r.get("train/beta", math.nan) for r in recs], dtype=float)}
+
+
+def find_spike(steps, perplexity, beta, window: int = 1) -> tuple[Optional[int], Optional[int]]:
+    """(first step where beta reaches 1 from below, or None; first step of the largest rise of the batch
+    perplexity, or None): the rise at record i is the mean of records i..i+window-1 minus the mean of the
+    `window` records before, so a wider window favours a sustained rise over a single noisy batch.
+
+    Seed 000 reports a perplexity 'spike' when beta crosses 1; this finds both steps to compare them.
+    """
+    steps, ppl, beta = np.asarray(steps), np.asarray(perplexity, dtype=float), np.asarray(beta, dtype=float)
+    crossings = np.nonzero((beta[:-1] < 1) & (beta[1:] >= 1))[0]  # NaN compares False: no beta, no crossing
+    cross = int(steps[crossings[0] + 1]) if len(crossings) else None
+    if len(ppl) < 2 * window:
+        return cross, None
+    c = np.concatenate([[0.0], np.cumsum(ppl)])
+    i = np.arange(window, len(ppl) - window + 1)
+    rise = (c[i + window] - c[i]) - (c[i] - c[i - window])  # window x (mean after - mean before)
+    return cross, int(steps[i[np.argmax(rise)]])
+
+
+def val_images(config: dict) -> torch.Tensor:
+    """The uint8 validation images (N, 3, 32, 32) a run with this saved config was validated on."""
+    return load_cifar10(make_config(config))[1]
+
+
+@torch.no_grad()
+def code_counts(model: VQVAE, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Histogram (K,) of the hard codes the model (eval mode, as in validate) gives the uint8 images.
+    BA codes depend on the batch (its marginal Q): pass the run's batch_size to reproduce its validation."""
+    model.eval()
+    device = next(model.parameters()).device
+    counts = torch.zeros(model.quantizer.K, dtype=torch.long)
+    for x in Batches(images, batch, device, shuffle=False).epoch(0):
+        counts += code_histogram(model(x)[3]["code_indices"], model.quantizer.K).cpu()
+    return counts
+
+
+@torch.no_grad()
+def latents(model: VQVAE, images: torch.Tensor, n: int, seed: int = 0, batch: int = 256):
+    """(e (n, D), idx (n,)): n encoder outputs drawn without replacement from the latents of the uint8 images,
+    with the hard codes the model gives them in eval mode (BA: computed on whole batches, as in validate)."""
+    model.eval()
+    device = next(model.parameters()).device
+    es, idxs = [], []
+    for x in Batches(images, batch, device, shuffle=False).epoch(0):
+        e = model.encoder(x)  # (B, D, 8, 8)
+        idxs.append(model.quantizer(e)[2]["code_indices"].reshape(-1).cpu())  # (B*8*8,) in _flatten's order
+        es.append(_CodebookQuantizer._flatten(e).cpu())
+    e, idx = torch.cat(es), torch.cat(idxs)
+    pick = torch.randperm(len(e), generator=torch.Generator().manual_seed(seed))[:n]
+    return e[pick], idx[pick]
+
+
+def operating_point(e: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor) -> tuple[float, float]:
+    """(rate in bits, distortion) of the hard codes idx for latents e (N, D): the entropy of their histogram and
+    the mean ||e - c_idx||^2, the two quantities blahut_arimoto_rd trades off."""
+    probs = code_histogram(idx, len(codebook)).double() / len(idx)
+    probs = probs[probs > 0]
+    rate = -(probs * probs.log2()).sum().item()
+    return rate, (e.double() - codebook[idx].double()).square().sum(1).mean().item()
+
+
+def rd_curve(e: torch.Tensor, codebook: torch.Tensor, betas, iters: int = 1000, tol: float = 1e-9) -> np.ndarray:
+    """(len(betas), 2) array of (rate in bits, distortion): R(D) of the latents e against the codebook's points.
+    tol (on the marginal Q) well above blahut_arimoto_rd's default keeps a plot's dozen points quick."""
+    return np.array([blahut_arimoto_rd(e, codebook, float(b), iters=iters, tol=tol) for b in betas])

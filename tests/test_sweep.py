@@ -1,0 +1,76 @@
+"""Sweeps through the real CLI: run, skip finished experiments, resume an interrupted one, summarise."""
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import sweep
+import vqvae
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_SWEEP = {"name": "tiny",
+              "base": {"arch": "compact", "codebook_size": 32, "batch_size": 64, "epochs": 1, "log_every": 5,
+                       "kmeans_iters": 2},
+              "experiments": [{"name": "vq", "key_change": "Standard VQ", "quantizer": "vq_ema"},
+                              {"name": "ba", "key_change": "BA, 1 iter", "quantizer": "ba_vq", "ba_iters": 1}]}
+
+
+def run_sweep_cli(path, out_dir, *flags):
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--sweep", str(path), "--dataset", "cifar10-sample",
+                           "--no_wandb", "--out_dir", str(out_dir), *flags], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def read_results(folder):
+    with open(folder / "results.csv") as fh:
+        return {row["experiment"]: row for row in csv.DictReader(fh)}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_sweep_files_are_valid(path):
+    spec = sweep.read_sweep(path)
+    configs = sweep.experiment_configs(spec, None, {"epochs": 1})
+    assert len(configs) == len(spec["experiments"]) and all(cfg.epochs == 1 for _, cfg in configs)
+    assert all(Path(cfg.out_dir).name == spec["name"] for _, cfg in configs)
+
+
+def test_sweep_runs_skips_and_resumes(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY_SWEEP))
+    out = tmp_path / "out"
+    sweep_dir = out / "tiny"
+
+    stdout = run_sweep_cli(path, out)
+    assert "[1/2] vq: starting" in stdout and "[2/2] ba: starting" in stdout
+    results = read_results(sweep_dir)
+    assert set(results) == {"vq", "ba"} and results["ba"]["key_change"] == "BA, 1 iter"
+    for name in results:
+        final = vqvae.load_run(sweep_dir / name)["final"]
+        assert float(results[name]["psnr"]) == pytest.approx(final["psnr"])
+    assert vqvae.load_run(sweep_dir / "ba")["config"]["ba_iters"] == 1  # experiment overrides base
+    assert (sweep_dir / "results.md").read_text().count("\n") == 2 + 2  # header, rule, two rows
+
+    # a second invocation skips both finished experiments and leaves their files alone
+    watched = [sweep_dir / n / f for n in ("vq", "ba") for f in ("final_model.pt", "metrics.jsonl")]
+    mtimes = [p.stat().st_mtime_ns for p in watched]
+    stdout = run_sweep_cli(path, out)
+    assert "vq: finished, skipping" in stdout and "ba: finished, skipping" in stdout
+    assert [p.stat().st_mtime_ns for p in watched] == mtimes
+
+    # interrupted after epoch 1 (last.pt kept, no final metrics) and asked for 2 epochs: resumed, not restarted
+    (sweep_dir / "ba" / "final_metrics.json").unlink()
+    first_epoch = [r for r in vqvae.read_jsonl(sweep_dir / "ba" / "metrics.jsonl") if "val/psnr" in r]
+    stdout = run_sweep_cli(path, out, "--epochs", "2")
+    assert "vq: finished, skipping" in stdout and "ba: resuming" in stdout
+    run = vqvae.load_run(sweep_dir / "ba")
+    epochs = [r for r in run["records"] if "val/psnr" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2] and epochs[0] == first_epoch[0]
+    assert run["final"] is not None and run["final"]["psnr"] == pytest.approx(epochs[1]["val/psnr"])
+    results = read_results(sweep_dir)
+    assert set(results) == {"vq", "ba"} and float(results["ba"]["psnr"]) == pytest.approx(run["final"]["psnr"])
+    assert [p.stat().st_mtime_ns for p in watched[:2]] == mtimes[:2]  # vq still untouched
