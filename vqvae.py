@@ -383,8 +383,19 @@ def scatter_sum(idx: torch.Tensor, e: torch.Tensor, K: int) -> torch.Tensor:
     return torch.segment_reduce(e[order], "sum", lengths=torch.bincount(idx, minlength=K), axis=0)
 
 
+CPU_CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 per (rows, K) block
+
+
+def chunk_rows(chunk: int, K: int, device: torch.device) -> int:
+    """Rows per (rows, K) block: `chunk`, capped on CPU at CPU_CHUNK_ELEMENTS / K. glibc serves blocks of 32 MiB
+    and more by fresh mmaps whose page faults cost as much as the arithmetic (and such blocks miss the caches);
+    smaller ones are reused. On CUDA the caching allocator has no such cost and bigger blocks mean fewer launches."""
+    return max(1, min(chunk, CPU_CHUNK_ELEMENTS // K)) if device.type == "cpu" else chunk
+
+
 def nearest_code(e: torch.Tensor, C: torch.Tensor, chunk: int) -> torch.Tensor:
     """argmin_k ||e_n - c_k||^2 for each row of e, never holding more than (chunk, K) distances."""
+    chunk = chunk_rows(chunk, len(C), e.device)
     c_sq = (C * C).sum(1)
     idx = torch.empty(len(e), dtype=torch.long, device=e.device)
     for s in range(0, len(e), chunk):
@@ -582,6 +593,7 @@ class _BAAssign(torch.autograd.Function):
     @staticmethod
     def forward(ctx, e, C, log_Q0, beta, iters, chunk, want_sums, cache_limit):
         N, K = len(e), len(C)
+        chunk = chunk_rows(chunk, K, e.device)
         c_sq = (C * C).sum(1)
         cache = any(ctx.needs_input_grad[:2]) and N * K * iters <= cache_limit
         log_Qs, saved = [log_Q0], [[] for _ in range(iters)]
@@ -591,11 +603,13 @@ class _BAAssign(torch.autograd.Function):
         world = _world()
         # log of the number of rows on all ranks (a rank's slice of a ragged validation batch may be empty)
         log_N = math.log(N) if world == 1 else dist_sum_(torch.tensor(float(N), device=e.device)).log()
+        e1 = _with_ones(e)
         for t in range(iters):
             last = t == iters - 1
             lse = torch.full((K,), -math.inf, device=e.device)
+            W = _ba_logit_weights(C, c_sq, log_Qs[-1], beta)
             for s in range(0, N, chunk):
-                logits = _ba_logits(e[s:s + chunk], C, c_sq, log_Qs[-1], beta)
+                logits = e1[s:s + chunk] @ W.t()  # (chunk, K)
                 p = torch.softmax(logits, dim=1)  # (chunk, K)
                 lse = torch.logaddexp(lse, _log_colsum(p, logits))
                 if cache:
@@ -606,7 +620,7 @@ class _BAAssign(torch.autograd.Function):
                     if want_sums:
                         sums.addmm_(p.t(), e[s:s + chunk])
             log_Qs.append(_dist_logsumexp(lse) - log_N)
-        ctx.save_for_backward(e, C, *log_Qs)
+        ctx.save_for_backward(e, C, z, *log_Qs)
         ctx.saved_p = saved if cache else None
         ctx.cfg = (beta, iters, chunk, world, log_N)
         ctx.mark_non_differentiable(idx)
@@ -615,7 +629,7 @@ class _BAAssign(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_z, g_logQ, _g_idx, _g_counts, _g_sums):
-        e, C, *log_Qs = ctx.saved_tensors
+        e, C, z, *log_Qs = ctx.saved_tensors
         beta, iters, chunk, world, log_N = ctx.cfg
         N = len(e)
         c_sq = (C * C).sum(1)
@@ -624,31 +638,42 @@ class _BAAssign(torch.autograd.Function):
         rank_sum = dist_sum_ if world > 1 else (lambda t: t)
         # every rank's loss depends on the one global log Q: summed, its adjoint counts each rank's loss once
         g_lq = rank_sum(g_logQ.clone() if g_logQ is not None else torch.zeros_like(log_Qs[-1]))
+        e1 = _with_ones(e)
         for t in reversed(range(iters)):
-            last = t == iters - 1
+            with_z = t == iters - 1 and g_z is not None  # z = p_T C carries gradient to the last iteration
             need_colsum = t > 0 or g_C is not None
             # log Q_t,k = log sum_n p_nk - log N, so dL/dp_nk gains g_lq_k / (N Q_t,k): a per-column weight
             w = g_lq * torch.exp(-log_Qs[t + 1] - log_N)
             safe = bool(torch.isfinite(w).all())  # Q_k below ~1e-38: take the log-space route for that backward
+            W = _ba_logit_weights(C, c_sq, log_Qs[t], beta)
+            # [g_z, -r, 1] @ B^T = G - r + w (below)
+            B = torch.cat(([C] if with_z else []) + [torch.ones_like(w)[:, None], w[:, None]], 1)
             g_lq_prev = torch.zeros_like(g_lq)
             for j, s in enumerate(range(0, N, chunk)):
                 rows = slice(s, s + chunk)
                 p = (ctx.saved_p[t][j] if ctx.saved_p is not None
-                     else torch.softmax(_ba_logits(e[rows], C, c_sq, log_Qs[t], beta), dim=1))
-                G = (g_z[rows] @ C.t()) if (last and g_z is not None) else torch.zeros_like(p)  # dL/dp via z
+                     else torch.softmax(e1[rows] @ W.t(), dim=1))
                 if safe:
-                    a = p * (G + w)  # dL/dlogits before the softmax's normalisation
+                    # dL/dlogits = p (G + w - r), G = g_z C^T (dL/dp via z), r_n = sum_k p_nk (G_nk + w_k)
+                    # = g_z_n . z_n + p_n . w (rows sum to zero). One GEMM forms G + w - r, with w and -r as
+                    # extra columns, and one pass multiplies by p: two passes over (chunk, K) instead of five.
+                    r = p @ w
+                    if with_z:
+                        r += (g_z[rows] * z[rows]).sum(1)
+                    A = torch.cat(([g_z[rows]] if with_z else []) + [-r[:, None], torch.ones_like(r)[:, None]], 1)
+                    g_logits = (A @ B.t()).mul_(p)
                 else:
-                    log_p = torch.log_softmax(_ba_logits(e[rows], C, c_sq, log_Qs[t], beta), dim=1)
-                    a = p * G + g_lq * (log_p - log_Qs[t + 1] - log_N).exp()
-                g_logits = torch.addcmul(a, p, a.sum(1, keepdim=True), value=-1.0)  # rows sum to zero
+                    G = (g_z[rows] @ C.t()) if with_z else torch.zeros_like(p)  # dL/dp via z
+                    log_p = torch.log_softmax(e1[rows] @ W.t(), dim=1)
+                    a = p * G + g_lq * (log_p - log_Qs[t + 1] - log_N).exp()  # before the normalisation
+                    g_logits = torch.addcmul(a, p, a.sum(1, keepdim=True), value=-1.0)  # rows sum to zero
                 # logits = log Q + 2 beta e.c - beta ||c||^2 (+ a per-row constant whose gradient is zero)
                 g_e[rows].addmm_(g_logits, C, alpha=2.0 * beta)
                 if need_colsum:
                     col = g_logits.sum(0)
                     g_lq_prev += col
                 if g_C is not None:
-                    if last and g_z is not None:
+                    if with_z:
                         g_C.addmm_(p.t(), g_z[rows])
                     g_C.addmm_(g_logits.t(), e[rows], alpha=2.0 * beta)
                     g_C.sub_((2.0 * beta) * col[:, None] * C)
@@ -657,9 +682,15 @@ class _BAAssign(torch.autograd.Function):
         return g_e, g_C, None, None, None, None, None, None
 
 
-def _ba_logits(e, C, c_sq, log_Q, beta):
-    # log Q_k - beta ||e - c_k||^2 up to the per-row constant -beta ||e||^2, which the softmax removes
-    return torch.addmm(log_Q - beta * c_sq, e, C.t(), alpha=2.0 * beta)
+def _ba_logit_weights(C, c_sq, log_Q, beta):
+    """W (K, D+1) with [e, 1] W^T = 2 beta e.c_k - beta ||c_k||^2 + log Q_k = log Q_k - beta ||e - c_k||^2 up to the
+    per-row constant -beta ||e||^2, which the softmax removes. The bias rides in the GEMM as an extra column:
+    addmm's broadcast copy of it into the (chunk, K) output costs as much as the GEMM itself at D = 64."""
+    return torch.cat([(2.0 * beta) * C, (log_Q - beta * c_sq)[:, None]], 1)
+
+
+def _with_ones(e):
+    return torch.cat([e, torch.ones_like(e[:, :1])], 1)  # (N, D+1)
 
 
 def _dist_logsumexp(lse: torch.Tensor) -> torch.Tensor:
@@ -673,14 +704,22 @@ def _dist_logsumexp(lse: torch.Tensor) -> torch.Tensor:
 
 
 def _log_colsum(p, logits):
-    """log sum_n p_nk. Sums in linear space, and in log space (logsumexp) only for columns that underflow to 0,
-    so log Q stays finite even at beta = 1e4."""
+    """log sum_n p_nk. Sums in linear space, and in log space (logsumexp) only for columns that underflow, so
+    log Q stays finite even at beta = 1e4. A column counts as underflowing when all its terms may be subnormal
+    (sum < rows x smallest normal), where float32 keeps too few digits (a sum stored as 2.8e-45 was 13% off)."""
     col = p.sum(0)
     out = col.log()
-    under = col == 0
+    under = col < torch.finfo(col.dtype).tiny * len(p)
     if under.any():
-        log_p = logits[:, under] - torch.logsumexp(logits, dim=1, keepdim=True)
-        out[under] = torch.logsumexp(log_p, dim=0)
+        cols = under.nonzero().squeeze(1)
+        # log p = logits - (row logsumexp), and the row logsumexp is max logits - log max p, as the largest p is
+        # exp(max - logsumexp): two fast reductions instead of another exp pass over the chunk
+        lse_row = logits.amax(1, keepdim=True) - p.amax(1, keepdim=True).log()
+        log_p = logits.index_select(1, cols) - lse_row  # (chunk, n_under)
+        m = log_p.amax(0)
+        # a column's logsumexp. Terms more than 87 below the column max add < 1e-38 to a sum >= 1, so clamping
+        # them there changes nothing and keeps exp off its slow underflow path (about 10x slower on CPU)
+        out[cols] = log_p.sub_(m).clamp_(min=-87.0).exp_().sum(0).log_().add_(m)
     return out
 
 

@@ -1,0 +1,420 @@
+"""Speed and memory of the quantizers, and training throughput. Prints JSON; appends a section to BENCHMARKS.md.
+
+    python bench.py                              # full grid on CUDA when present, else CPU
+    python bench.py --device cpu --dims 64       # a subset of the grid
+    python bench.py --quick --no_append          # tiny grid in seconds (the smoke test runs this)
+
+Quantizer rows: one training-mode forward+backward of a quantizer module on N encoder vectors (a synthetic loss
+on z_q plus the quantizer's own losses): median of --repeats timed passes after a warm-up pass, which also runs
+the k-means initialisation. Implementations:
+  vq_ema     our VQEMAQuantizer (chunked nearest code, scatter-add EMA update)
+  ba         our BAQuantizer (chunked Blahut-Arimoto with a recomputing backward), ba_iters 1 and 2
+  ba_direct  the same BAQuantizer with its assignment replaced by `vqvae.ba_assign_direct`: the formula written
+             with (N, K) matrices and autograd's backward (skipped where its estimated memory exceeds a limit)
+  vqp        vector-quantize-pytorch's VectorQuantize(decay=0.99, kmeans_init=True, rotation_trick=False), when
+             installed, on the same values in the (B, H*W, D) layout it takes, as an external reference
+Peak memory is the increase over what is held before the pass: torch.cuda.max_memory_allocated on CUDA; on CPU
+the process's resident-set high-water mark (reset through /proc/self/clear_refs, with malloc's free memory
+handed back first, so the mark reflects this pass alone; Linux only).
+Training rows: images/s of `Trainer.train_step` (the real step: forward, backward, AdamW) on the bundled CIFAR-10
+sample, for each arch x quantizer.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import vqvae
+
+# ################################################################################################################
+# Grid and targets
+# ################################################################################################################
+
+FULL = {"n": 16384, "dims": [64, 256], "codebook_sizes": [512, 4096, 16384, 65536], "iters": [1, 2],
+        "train_batch": 128, "train_steps": 5, "train_codebook_size": 512}
+QUICK = {"n": 512, "dims": [16], "codebook_sizes": [64, 256], "iters": [1, 2],
+         "train_batch": 8, "train_steps": 1, "train_codebook_size": 32}
+IMPLS = ["vq_ema", "ba", "ba_direct", "vqp"]
+ARCHS = ["residual", "compact"]
+
+
+def target_sizes(grid: dict) -> dict:
+    """Where the issue's targets are measured: N = 16,384, D = 64, K = 512 / 16,384 / 65,536 (quick: stand-ins)."""
+    if grid is QUICK:
+        return {"N": QUICK["n"], "D": QUICK["dims"][0], "small": 64, "large": 256, "huge": 256}
+    return {"N": 16384, "D": 64, "small": 512, "large": 16384, "huge": 65536}
+
+
+# ################################################################################################################
+# Machine
+# ################################################################################################################
+
+def machine_info(device: torch.device) -> dict:
+    info = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__, "device": str(device),
+            "cpu": _cpu_model(), "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "cuda_available": torch.cuda.is_available(), "vector_quantize_pytorch": _vqp_version()}
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _vqp_version():
+    try:
+        from importlib.metadata import version
+        import vector_quantize_pytorch  # noqa: F401  (importable, not just installed)
+        return version("vector-quantize-pytorch")
+    except Exception:
+        return None
+
+
+# ################################################################################################################
+# Measuring
+# ################################################################################################################
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_passes(step, device, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def peak_increase_mib(step, device) -> float | None:
+    """Memory one pass of step() needs on top of what is already held, in MiB (None where not measurable)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+    try:
+        # malloc keeps freed blocks for reuse, which the pass would then use without raising the resident set:
+        # hand them back first, so every page the pass touches counts
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        base = _status_kib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+    except OSError:  # not Linux/glibc
+        return None
+    step()
+    return (_status_kib("VmHWM") - base) / 1024
+
+
+# ################################################################################################################
+# Quantizer cases
+# ################################################################################################################
+
+def dense_ba_assign(e, C, log_Q0, beta, iters, chunk, want_sums=False):
+    """`vqvae.ba_assign`'s outputs from the direct (N, K) formula, autograd doing the backward."""
+    z, log_Q, idx, p = vqvae.ba_assign_direct(e, C, log_Q0, beta, iters)
+    with torch.no_grad():
+        counts = p.sum(0)
+        sums = p.t() @ e if want_sums else None
+    return z, log_Q, idx, counts, sums
+
+
+def make_forward(impl: str, D: int, K: int, iters: int, device, chunk: int):
+    """(forward(x) -> (z_q, quantizer loss), input layout) for one implementation, in training mode."""
+    if impl == "vqp":
+        from vector_quantize_pytorch import VectorQuantize
+        vq = VectorQuantize(dim=D, codebook_size=K, decay=0.99, kmeans_init=True, rotation_trick=False)
+        vq = vq.to(device).train()
+
+        def forward_vqp(x):
+            z_q, _, loss = vq(x)
+            return z_q, loss.sum()
+        return forward_vqp, "BND"
+    kind = "vq_ema" if impl == "vq_ema" else "ba_vq"
+    cfg = vqvae.Config(quantizer=kind, codebook_size=K, ba_iters=iters, chunk_size=chunk, wandb=False)
+    q = vqvae.QUANTIZERS[kind](cfg, D).to(device).train()
+
+    def forward(z):
+        swap = _swapped(vqvae, "ba_assign", dense_ba_assign) if impl == "ba_direct" else contextlib.nullcontext()
+        with swap:
+            z_q, losses, _ = q(z)
+        return z_q, sum(losses.values())
+    return forward, "BDHW"
+
+
+@contextlib.contextmanager
+def _swapped(module, name, value):
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+def direct_gib(N: int, K: int, iters: int) -> float:
+    """Rough peak of ba_direct: autograd keeps about 3 + 2 ba_iters float32 (N, K) tensors."""
+    return 4 * N * K * (3 + 2 * iters) / 2 ** 30
+
+
+def run_case(impl, N, D, K, iters, device, args) -> dict:
+    row = {"impl": impl, "N": N, "D": D, "K": K, "ba_iters": iters if impl.startswith("ba") else None}
+    if impl == "ba_direct" and direct_gib(N, K, iters) > args.direct_max_gib:
+        return {**row, "ms": None, "skipped": f"needs about {direct_gib(N, K, iters):.0f} GiB of (N, K) "
+                                              f"matrices (> --direct_max_gib {args.direct_max_gib:g})"}
+    torch.manual_seed(0)
+    forward, layout = make_forward(impl, D, K, iters, device, args.chunk_size)
+    # N encoder vectors as a (B, D, 8, 8) feature map, like the encoders' output
+    z = torch.randn(N // 64, D, 8, 8, generator=torch.Generator().manual_seed(1)).to(device)
+    x = z.permute(0, 2, 3, 1).reshape(N // 64, 64, D).contiguous() if layout == "BND" else z
+
+    def step():
+        leaf = x.detach().requires_grad_()
+        z_q, loss = forward(leaf)
+        (z_q.float().square().mean() + loss).backward()
+
+    warm = time_passes(step, device, 1)[0]  # k-means initialisation happens here
+    warm += time_passes(step, device, 1)[0]
+    # very slow cases (large K on a CPU) get one timed pass
+    repeats = args.repeats if warm < 2 * args.slow_seconds else 1
+    times = time_passes(step, device, repeats)
+    peak = peak_increase_mib(step, device)
+    del forward, step, z, x
+    gc.collect()
+    return {**row, "ms": 1e3 * statistics.median(times), "ms_all": [round(1e3 * t, 2) for t in times],
+            "repeats": repeats, "peak_mib": peak}
+
+
+def quantizer_rows(grid: dict, device, args) -> list[dict]:
+    impls = [i for i in args.impls if i != "vqp" or _vqp_version()]
+    rows = []
+    for D in grid["dims"]:
+        for K in grid["codebook_sizes"]:
+            for impl in impls:
+                for iters in (grid["iters"] if impl.startswith("ba") else [1]):
+                    row = run_case(impl, grid["n"], D, K, iters, device, args)
+                    _progress(row)
+                    rows.append(row)
+    return rows
+
+
+def _progress(row: dict):
+    what = " ".join(f"{k}={v}" for k, v in row.items() if k in ("impl", "N", "D", "K", "ba_iters", "arch",
+                                                               "quantizer") and v is not None)
+    result = (f"{row['ms']:.1f} ms, peak +{row['peak_mib'] or 0:.0f} MiB" if "ms" in row and row["ms"]
+              else f"{row['images_per_s']:.1f} images/s" if "images_per_s" in row else row.get("skipped"))
+    print(f"[bench] {what}: {result}", file=sys.stderr, flush=True)
+
+
+# ################################################################################################################
+# Training throughput
+# ################################################################################################################
+
+def training_rows(grid: dict, device, args) -> list[dict]:
+    rows = []
+    for arch in ARCHS:
+        for quantizer in vqvae.QUANTIZERS:
+            cfg = vqvae.Config(dataset="cifar10-sample", arch=arch, quantizer=quantizer, epochs=100,
+                               batch_size=grid["train_batch"], codebook_size=grid["train_codebook_size"],
+                               device=str(device), wandb=False, chunk_size=args.chunk_size)
+            with tempfile.TemporaryDirectory() as tmp:
+                trainer = vqvae.Trainer(cfg, Path(tmp), device)
+                xs = list(trainer.train_batches.epoch(0))
+
+                def step(i=[0]):
+                    trainer.train_step(xs[i[0] % len(xs)])
+                    trainer.step += 1
+                    i[0] += 1
+                    trainer.check_finite()  # reads the losses back: waits for the device
+                time_passes(step, device, 2)  # k-means initialisation, then one steady step
+                seconds = sum(time_passes(step, device, grid["train_steps"]))
+            row = {"arch": arch, "quantizer": quantizer, "batch": grid["train_batch"],
+                   "K": grid["train_codebook_size"], "D": cfg.code_dim, "steps": grid["train_steps"],
+                   "ms_per_step": 1e3 * seconds / grid["train_steps"],
+                   "images_per_s": grid["train_steps"] * grid["train_batch"] / seconds}
+            _progress(row)
+            rows.append(row)
+    return rows
+
+
+# ################################################################################################################
+# Targets
+# ################################################################################################################
+
+def target_rows(rows: list[dict], sizes: dict) -> list[dict]:
+    """The issue's four targets, as ratios of rows measured side by side in this run."""
+    def ms(impl, K, iters=None):
+        for r in rows:
+            if (r["impl"], r["N"], r["D"], r["K"]) == (impl, sizes["N"], sizes["D"], K) \
+                    and r["ba_iters"] == iters and r.get("ms"):
+                return r
+        return None
+
+    small, large, huge = sizes["small"], sizes["large"], sizes["huge"]
+    out = []
+
+    def ratio(name, num, den, need, at_least=True):
+        if num is None or den is None:
+            out.append({"target": name, "ratio": None, "need": need, "status": "not measured"})
+            return
+        value = num["ms"] / den["ms"]
+        ok = value >= need if at_least else value <= need
+        out.append({"target": name, "ratio": round(value, 3), "need": need, "status": "PASS" if ok else "MISS"})
+
+    ratio(f"VQ-EMA speed-up over VectorQuantize, K={small}", ms("vqp", small), ms("vq_ema", small), 1.5)
+    ratio(f"VQ-EMA speed-up over VectorQuantize, K={large}", ms("vqp", large), ms("vq_ema", large), 5.0)
+    ratio(f"BA (ba_iters 1) time / VQ-EMA time, K={small}", ms("ba", small, 1), ms("vq_ema", small), 1.5,
+          at_least=False)
+    ratio(f"BA (ba_iters 1) speed-up over direct N x K BA, K={large}", ms("ba_direct", large, 1),
+          ms("ba", large, 1), 4.0)
+    ba = ms("ba", large, 1)
+    peak = ba["peak_mib"] / 1024 if ba and ba.get("peak_mib") is not None else None
+    out.append({"target": f"BA (ba_iters 1) peak memory increase in GiB, K={large}",
+                "ratio": None if peak is None else round(peak, 3), "need": 1.5,
+                "status": "not measured" if peak is None else "PASS" if peak <= 1.5 else "MISS"})
+    ran = ms("ba", huge, 1)
+    out.append({"target": f"BA (ba_iters 1) runs at K={huge}", "ratio": None, "need": None,
+                "status": "PASS" if ran else "not measured"})
+    return out
+
+
+# ################################################################################################################
+# Report
+# ################################################################################################################
+
+def markdown(result: dict, command: str) -> str:
+    m = result["meta"]
+    where = m["gpu"] if m["gpu"] else f"{m['cpu']}, {m['logical_cores']} logical cores, {m['torch_threads']} threads"
+    lines = [f"## {m['date']} | {m['device']} | {where} | torch {m['torch']}", "",
+             f"Command: `{command}`. Python {m['python']}, {m['platform']}; vector-quantize-pytorch "
+             f"{m['vector_quantize_pytorch'] or 'not installed'}.", ""]
+    if m["device"] == "cpu" and not m["cuda_available"]:
+        lines += ["No GPU was available for this run, so these are CPU figures only; the CUDA table is still to be "
+                  "recorded on a GPU machine with `python bench.py --device cuda`.", ""]
+    lines += ["Training-mode forward+backward of the quantizer alone (median of the timed passes, after a warm-up "
+              "pass that runs the k-means init); peak memory = increase over what was held before the pass.", "",
+              "| impl | N | D | K | ba_iters | fwd+bwd ms | passes | peak mem increase MiB | note |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in result["quantizers"]:
+        ms = f"{r['ms']:.1f}" if r.get("ms") else "-"
+        peak = f"{r['peak_mib']:.0f}" if r.get("peak_mib") is not None else "-"
+        lines.append(f"| {r['impl']} | {r['N']} | {r['D']} | {r['K']} | {r['ba_iters'] or ''} | {ms} | "
+                     f"{r.get('repeats', '')} | {peak} | {r.get('skipped', '')} |")
+    if result["training"]:
+        lines += ["", "Training throughput (`Trainer.train_step`: forward, backward, AdamW; bundled CIFAR-10 sample):",
+                  "", "| arch | quantizer | D | K | batch | ms/step | images/s |", "|---|---|---:|---:|---:|---:|---:|"]
+        for r in result["training"]:
+            lines.append(f"| {r['arch']} | {r['quantizer']} | {r['D']} | {r['K']} | {r['batch']} | "
+                         f"{r['ms_per_step']:.0f} | {r['images_per_s']:.1f} |")
+    lines += ["", f"Targets (N = {result['target_sizes']['N']}, D = {result['target_sizes']['D']}):", "",
+              "| target | measured | required | status |", "|---|---:|---:|---|"]
+    for t in result["targets"]:
+        need = "" if t["need"] is None else ("≤ " if "time /" in t["target"] or "GiB" in t["target"] else "≥ ") \
+            + f"{t['need']:g}"
+        lines.append(f"| {t['target']} | {'' if t['ratio'] is None else t['ratio']} | {need} | {t['status']} |")
+    return "\n".join(lines) + "\n"
+
+
+HEADER = """# Benchmarks
+
+Sections are appended by `python bench.py` (see its docstring for what is measured and how). Each section names
+its machine, torch version and device; compare figures only within one section.
+
+"""
+
+
+def append_report(path: Path, text: str):
+    if not path.exists():
+        path.write_text(HEADER)
+    with open(path, "a") as fh:
+        fh.write("\n" + text)
+
+
+# ################################################################################################################
+# Main
+# ################################################################################################################
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1")
+    p.add_argument("--quick", action="store_true", help="tiny grid (N=512, D=16, K 64/256), seconds")
+    p.add_argument("--out", default="BENCHMARKS.md", help="Markdown file the section is appended to")
+    p.add_argument("--no_append", action="store_true", help="print the JSON only; leave --out alone")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes per case (after 2 warm-up passes)")
+    p.add_argument("--slow_seconds", type=float, default=20.0,
+                   help="cases whose warm-up passes average more than this get one timed pass")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--n", type=int, default=None, help="encoder vectors per pass (a multiple of 64)")
+    p.add_argument("--dims", type=int, nargs="+", default=None, help="code dimensions D")
+    p.add_argument("--codebook_sizes", type=int, nargs="+", default=None, help="codebook sizes K")
+    p.add_argument("--iters", type=int, nargs="+", default=None, help="BA iterations per forward")
+    p.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS, help="implementations to time")
+    p.add_argument("--chunk_size", type=int, default=vqvae.Config.chunk_size, help="our quantizers' chunk_size")
+    p.add_argument("--direct_max_gib", type=float, default=10.0,
+                   help="skip ba_direct where its (N, K) matrices would need more than this")
+    p.add_argument("--no_train", action="store_true", help="skip the training-throughput rows")
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    grid = QUICK if args.quick else FULL
+    sizes = target_sizes(grid)
+    grid = {**grid, **{k: v for k, v in (("n", args.n), ("dims", args.dims), ("codebook_sizes",
+                                                                              args.codebook_sizes),
+                                          ("iters", args.iters)) if v is not None}}
+    if grid["n"] % 64:
+        raise SystemExit("--n must be a multiple of 64 (vectors are laid out as (B, D, 8, 8))")
+    result = {"meta": machine_info(device), "grid": grid, "target_sizes": sizes}
+    result["quantizers"] = quantizer_rows(grid, device, args)
+    result["training"] = [] if args.no_train else training_rows(grid, device, args)
+    result["targets"] = target_rows(result["quantizers"], sizes)
+    print(json.dumps(result, indent=1))
+    if not args.no_append:
+        command = "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        append_report(Path(args.out), markdown(result, command.strip()))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""bench.py end to end on its tiny grid: JSON layout, every case timed, targets evaluated, report appended.
+No timing assertions: speed is what the script measures, not what the tests check."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["--quick", "--repeats", "1", "--threads", "2"]
+
+
+def run_bench(*args):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), *QUICK, *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "BENCH.md"
+    return run_bench("--out", out), out
+
+
+def test_quick_json_has_every_case_with_positive_times(quick):
+    result, _ = quick
+    assert {"meta", "grid", "target_sizes", "quantizers", "training", "targets"} <= set(result)
+    meta = result["meta"]
+    assert meta["torch"] and meta["device"] == "cpu" and meta["logical_cores"] >= 1 and meta["cpu"]
+    impls = {"vq_ema", "ba", "ba_direct"} | ({"vqp"} if meta["vector_quantize_pytorch"] else set())
+    grid = result["grid"]
+    expected = {(impl, K, it) for K in grid["codebook_sizes"] for impl in impls
+                for it in (grid["iters"] if impl.startswith("ba") else [None])}
+    rows = result["quantizers"]
+    assert {(r["impl"], r["K"], r["ba_iters"]) for r in rows} == expected and len(rows) == len(expected)
+    for r in rows:
+        assert r["ms"] > 0 and len(r["ms_all"]) == r["repeats"] == 1, r
+        assert r["N"] == grid["n"] and r["D"] == grid["dims"][0]
+        assert r["peak_mib"] is None or r["peak_mib"] >= 0
+    train = result["training"]
+    assert {(r["arch"], r["quantizer"]) for r in train} == {(a, q) for a in ("residual", "compact")
+                                                            for q in ("vq_ema", "ba_vq")}
+    assert all(r["images_per_s"] > 0 and r["ms_per_step"] > 0 for r in train)
+
+
+def test_quick_targets_are_ratios_of_measured_rows(quick):
+    result, _ = quick
+    targets = {t["target"]: t for t in result["targets"]}
+    assert len(targets) == 6
+    small = result["target_sizes"]["small"]
+    rows = {(r["impl"], r["K"], r["ba_iters"]): r for r in result["quantizers"]}
+    ba_over_vq = targets[f"BA (ba_iters 1) time / VQ-EMA time, K={small}"]
+    assert ba_over_vq["ratio"] == pytest.approx(rows[("ba", small, 1)]["ms"] / rows[("vq_ema", small, None)]["ms"],
+                                                abs=1e-3)
+    assert ba_over_vq["status"] == ("PASS" if ba_over_vq["ratio"] <= 1.5 else "MISS")
+    assert all(t["status"] in ("PASS", "MISS", "not measured") for t in targets.values())
+
+
+def test_quick_appends_a_markdown_section(quick):
+    result, out = quick
+    text = out.read_text()
+    assert text.startswith("# Benchmarks") and result["meta"]["torch"] in text
+    assert "| vq_ema | " in text and "| ba_direct | " in text and "images/s" in text
+    n_cases = len(result["quantizers"])
+    assert sum(line.startswith(("| vq_ema |", "| ba |", "| ba_direct |", "| vqp |"))
+               for line in text.splitlines()) == n_cases
+
+
+def test_direct_is_skipped_beyond_the_memory_limit():
+    args = bench.parse_args(["--direct_max_gib", "0.001"])
+    row = bench.run_case("ba_direct", 1024, 8, 4096, 1, bench.torch.device("cpu"), args)
+    assert row["ms"] is None and "GiB" in row["skipped"]
+
+
+def test_dense_assign_matches_chunked_outputs():
+    """The benchmark's direct reference computes what the chunked assignment computes."""
+    torch = bench.torch
+    g = torch.Generator().manual_seed(0)
+    e, C = torch.randn(200, 5, generator=g), torch.randn(30, 5, generator=g)
+    log_Q0 = torch.full((30,), -torch.log(torch.tensor(30.0)).item())
+    dense = bench.dense_ba_assign(e, C, log_Q0, 0.6, 2, chunk=0, want_sums=True)
+    chunked = bench.vqvae.ba_assign(e, C, log_Q0, 0.6, 2, chunk=64, want_sums=True)
+    for a, b in zip(dense, chunked):
+        if a.dtype == torch.long:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,75 @@
+"""The quantizers' fast paths agree with the plain formulas: CPU chunk capping, the underflow route of the M-step's
+column sums, and the BA backward's fused dL/dlogits, in regimes where many columns underflow."""
+import math
+
+import pytest
+import torch
+
+import vqvae
+
+
+def test_chunk_rows_caps_cpu_blocks_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
+    assert vqvae.chunk_rows(4096, 512, cpu) == min(4096, vqvae.CPU_CHUNK_ELEMENTS // 512)
+    assert vqvae.chunk_rows(4096, 65536, cpu) * 65536 <= vqvae.CPU_CHUNK_ELEMENTS
+    assert vqvae.chunk_rows(4096, 10 ** 9, cpu) == 1
+    assert vqvae.chunk_rows(4096, 65536, cuda) == 4096
+
+
+@pytest.mark.parametrize("scale", [1.0, 300.0, 3000.0])
+def test_log_colsum_equals_logsumexp_of_log_softmax(scale):
+    """log sum_n p_nk, including columns whose every p underflows to 0 in float32."""
+    g = torch.Generator().manual_seed(int(scale))
+    logits = torch.randn(64, 300, generator=g) * scale
+    p = torch.softmax(logits, dim=1)
+    got = vqvae._log_colsum(p, logits.clone())
+    want = torch.logsumexp(torch.log_softmax(logits.double(), dim=1), dim=0)
+    assert torch.isfinite(got).all()
+    if scale > 1:
+        assert (p.sum(0) == 0).any()  # the underflow route ran
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_small_cpu_blocks_change_nothing(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    e, C = torch.randn(300, 8, generator=g), torch.randn(50, 8, generator=g)
+    log_Q0 = torch.full((50,), -math.log(50))
+    ref_idx = vqvae.nearest_code(e, C, 4096)
+    ref = vqvae.ba_assign(e, C, log_Q0, 0.9, 2, 4096, want_sums=True)
+    monkeypatch.setattr(vqvae, "CPU_CHUNK_ELEMENTS", 7 * 50)  # 7-row blocks
+    assert vqvae.chunk_rows(4096, 50, e.device) == 7
+    assert torch.equal(vqvae.nearest_code(e, C, 4096), ref_idx)
+    for a, b in zip(vqvae.ba_assign(e, C, log_Q0, 0.9, 2, 4096, want_sums=True), ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("iters", [1, 2])
+@pytest.mark.parametrize("learn_codebook", [False, True])
+def test_ba_matches_direct_when_chunks_underflow(iters, learn_codebook):
+    """Large beta and small chunks: many columns of each chunk underflow, yet values and gradients (through z,
+    log Q and the entropy) agree with autograd through the (N, K) formula."""
+    g = torch.Generator().manual_seed(7 + iters)
+    e0 = torch.randn(256, 6, generator=g)
+    C0 = e0[torch.randperm(256, generator=g)[:40]] + 0.1 * torch.randn(40, 6, generator=g)  # codes near data
+    log_Q0 = torch.full((40,), -math.log(40))
+    w_z, w_q = torch.randn(256, 6, generator=g), torch.randn(40, generator=g)
+    beta = 100.0
+
+    def run(fn):
+        e, C = e0.clone().requires_grad_(), C0.clone().requires_grad_(learn_codebook)
+        z, log_Q, idx = fn(e, C)[:3]
+        ((z * w_z).sum() + (log_Q.exp() * w_q).sum() + vqvae.entropy_from_log(log_Q)).backward()
+        return z, log_Q, idx, e.grad, C.grad
+
+    p = torch.softmax(-beta * torch.cdist(e0[:16], C0) ** 2, dim=1)
+    assert (p.sum(0) == 0).float().mean() > 0.25  # many columns of a 16-row chunk underflow
+    chunked = run(lambda e, C: vqvae.ba_assign(e, C, log_Q0, beta, iters, chunk=16, cache_limit=0))
+    direct = run(lambda e, C: vqvae.ba_assign_direct(e, C, log_Q0, beta, iters))
+    for name, a, b in zip(["z", "log_Q", "idx", "grad_e", "grad_C"], chunked, direct):
+        if b is None:
+            assert a is None and not learn_codebook
+        elif a.dtype == torch.long:
+            assert torch.equal(a, b)
+        else:
+            assert torch.isfinite(a).all(), name
+            assert ((a - b).norm() / b.norm()).item() <= 1e-4, name
