@@ -778,7 +778,8 @@ class BAQuantizer(_CodebookQuantizer):
             e = self._flatten(z)  # (N, D)
             if self.training and not self.initialized:
                 self._kmeans_init(e.detach())
-            log_Q0 = self.log_Q_running if cfg.marginal == "running" else torch.full_like(self.log_Q_running,
+            # a copy: the running marginal is updated in place after this forward, backward needs what it saw
+            log_Q0 = self.log_Q_running.clone() if cfg.marginal == "running" else torch.full_like(self.log_Q_running,
                                                                                            -math.log(self.K))
             ema = self.training and cfg.codebook_update == "ema"
             # an EMA codebook is updated in place after this forward; backward needs the values it saw

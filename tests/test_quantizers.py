@@ -189,6 +189,10 @@ def test_ba_codebook_ema_mode_and_running_marginal_only_in_training():
     torch.manual_seed(0)
     q = make_q("ba_vq", marginal="running").train()
     q(latents(seed=0))
+    z = latents(seed=3).requires_grad_()
+    z_q, losses, _ = q(z)  # a second step: backward must not see the in-place update of the running marginal
+    (z_q.square().sum() + sum(losses.values())).backward()
+    assert torch.isfinite(z.grad).all()
     after_train = q.log_Q_running.clone()
     assert not torch.allclose(after_train, torch.full_like(after_train, -math.log(16)))
     codebook = q.codebook.clone()
