@@ -10,9 +10,10 @@ the k-means initialisation. Implementations:
   vq_ema     our VQEMAQuantizer (chunked nearest code, scatter-add EMA update)
   ba         our BAQuantizer (chunked Blahut-Arimoto with a recomputing backward), ba_iters 1 and 2
   ba_direct  the same BAQuantizer with its assignment replaced by `vqvae.ba_assign_direct`: the formula written
-             with (N, K) matrices and autograd's backward (skipped where its estimated memory exceeds a limit)
+             with (N, K) matrices and autograd's backward
   vqp        vector-quantize-pytorch's VectorQuantize(decay=0.99, kmeans_init=True, rotation_trick=False), when
              installed, on the same values in the (B, H*W, D) layout it takes, as an external reference
+ba_direct and vqp hold (N, K) matrices; they are skipped where those would exceed --dense_max_gib.
 Peak memory is the increase over what is held before the pass: torch.cuda.max_memory_allocated on CUDA; on CPU
 the process's resident-set high-water mark (reset through /proc/self/clear_refs, with malloc's free memory
 handed back first, so the mark reflects this pass alone; Linux only).
@@ -69,6 +70,24 @@ def machine_info(device: torch.device) -> dict:
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "cuda_available": torch.cuda.is_available(), "vector_quantize_pytorch": _vqp_version()}
     return info
+
+
+def cpu_ticks() -> list[int] | None:
+    """Machine-wide CPU time counters (user, nice, system, idle, iowait, irq, softirq, steal), Linux only."""
+    try:
+        return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+
+
+def contention(start: list[int] | None) -> dict:
+    """Over the run: % of machine CPU time stolen by the hypervisor, and the 1-minute load average at its end
+    (this run alone keeps it near the thread count)."""
+    end = cpu_ticks()
+    if start is None or end is None:
+        return {}
+    d = [b - a for a, b in zip(start, end)]
+    return {"steal_pct": round(100 * d[7] / max(sum(d), 1), 1), "loadavg_end": os.getloadavg()[0]}
 
 
 def _cpu_model() -> str:
@@ -185,16 +204,17 @@ def _swapped(module, name, value):
         setattr(module, name, old)
 
 
-def direct_gib(N: int, K: int, iters: int) -> float:
-    """Rough peak of ba_direct: autograd keeps about 3 + 2 ba_iters float32 (N, K) tensors."""
-    return 4 * N * K * (3 + 2 * iters) / 2 ** 30
+def dense_gib(impl: str, N: int, K: int, iters: int) -> float:
+    """Rough peak of the implementations that hold (N, K) float32 matrices (measured: ba_direct about 3 + 2 ba_iters
+    of them, VectorQuantize about 6); 0 for ours."""
+    return 4 * N * K * {"ba_direct": 3 + 2 * iters, "vqp": 6}.get(impl, 0) / 2 ** 30
 
 
 def run_case(impl, N, D, K, iters, device, args) -> dict:
     row = {"impl": impl, "N": N, "D": D, "K": K, "ba_iters": iters if impl.startswith("ba") else None}
-    if impl == "ba_direct" and direct_gib(N, K, iters) > args.direct_max_gib:
-        return {**row, "ms": None, "skipped": f"needs about {direct_gib(N, K, iters):.0f} GiB of (N, K) "
-                                              f"matrices (> --direct_max_gib {args.direct_max_gib:g})"}
+    if dense_gib(impl, N, K, iters) > args.dense_max_gib:
+        return {**row, "ms": None, "skipped": f"needs about {dense_gib(impl, N, K, iters):.0f} GiB of (N, K) "
+                                              f"matrices (> --dense_max_gib {args.dense_max_gib:g})"}
     torch.manual_seed(0)
     forward, layout = make_forward(impl, D, K, iters, device, args.chunk_size)
     # N encoder vectors as a (B, D, 8, 8) feature map, like the encoders' output
@@ -288,11 +308,12 @@ def target_rows(rows: list[dict], sizes: dict) -> list[dict]:
 
     def ratio(name, num, den, need, at_least=True):
         if num is None or den is None:
-            out.append({"target": name, "ratio": None, "need": need, "status": "not measured"})
+            out.append({"target": name, "ratio": None, "need": need, "status": "not measured", "from": ""})
             return
         value = num["ms"] / den["ms"]
         ok = value >= need if at_least else value <= need
-        out.append({"target": name, "ratio": round(value, 3), "need": need, "status": "PASS" if ok else "MISS"})
+        out.append({"target": name, "ratio": round(value, 3), "need": need, "status": "PASS" if ok else "MISS",
+                    "from": f"{num['impl']} {num['ms']:.1f} ms / {den['impl']} {den['ms']:.1f} ms"})
 
     ratio(f"VQ-EMA speed-up over VectorQuantize, K={small}", ms("vqp", small), ms("vq_ema", small), 1.5)
     ratio(f"VQ-EMA speed-up over VectorQuantize, K={large}", ms("vqp", large), ms("vq_ema", large), 5.0)
@@ -304,10 +325,11 @@ def target_rows(rows: list[dict], sizes: dict) -> list[dict]:
     peak = ba["peak_mib"] / 1024 if ba and ba.get("peak_mib") is not None else None
     out.append({"target": f"BA (ba_iters 1) peak memory increase in GiB, K={large}",
                 "ratio": None if peak is None else round(peak, 3), "need": 1.5,
-                "status": "not measured" if peak is None else "PASS" if peak <= 1.5 else "MISS"})
+                "status": "not measured" if peak is None else "PASS" if peak <= 1.5 else "MISS",
+                "from": "" if peak is None else f"ba {ba['peak_mib']:.0f} MiB"})
     ran = ms("ba", huge, 1)
     out.append({"target": f"BA (ba_iters 1) runs at K={huge}", "ratio": None, "need": None,
-                "status": "PASS" if ran else "not measured"})
+                "status": "PASS" if ran else "not measured", "from": f"ba {ran['ms']:.1f} ms" if ran else ""})
     return out
 
 
@@ -320,7 +342,9 @@ def markdown(result: dict, command: str) -> str:
     where = m["gpu"] if m["gpu"] else f"{m['cpu']}, {m['logical_cores']} logical cores, {m['torch_threads']} threads"
     lines = [f"## {m['date']} | {m['device']} | {where} | torch {m['torch']}", "",
              f"Command: `{command}`. Python {m['python']}, {m['platform']}; vector-quantize-pytorch "
-             f"{m['vector_quantize_pytorch'] or 'not installed'}.", ""]
+             f"{m['vector_quantize_pytorch'] or 'not installed'}."
+             + (f" CPU time stolen by the hypervisor during the run: {m['steal_pct']}%; load average at the end: "
+                f"{m['loadavg_end']:.2f}." if "steal_pct" in m else ""), ""]
     if m["device"] == "cpu" and not m["cuda_available"]:
         lines += ["No GPU was available for this run, so these are CPU figures only; the CUDA table is still to be "
                   "recorded on a GPU machine with `python bench.py --device cuda`.", ""]
@@ -340,19 +364,19 @@ def markdown(result: dict, command: str) -> str:
             lines.append(f"| {r['arch']} | {r['quantizer']} | {r['D']} | {r['K']} | {r['batch']} | "
                          f"{r['ms_per_step']:.0f} | {r['images_per_s']:.1f} |")
     lines += ["", f"Targets (N = {result['target_sizes']['N']}, D = {result['target_sizes']['D']}):", "",
-              "| target | measured | required | status |", "|---|---:|---:|---|"]
+              "| target | measured | required | status | from |", "|---|---:|---:|---|---|"]
     for t in result["targets"]:
         need = "" if t["need"] is None else ("≤ " if "time /" in t["target"] or "GiB" in t["target"] else "≥ ") \
             + f"{t['need']:g}"
-        lines.append(f"| {t['target']} | {'' if t['ratio'] is None else t['ratio']} | {need} | {t['status']} |")
+        lines.append(f"| {t['target']} | {'' if t['ratio'] is None else t['ratio']} | {need} | {t['status']} | "
+                     f"{t['from']} |")
     return "\n".join(lines) + "\n"
 
 
 HEADER = """# Benchmarks
 
-Sections are appended by `python bench.py` (see its docstring for what is measured and how). Each section names
-its machine, torch version and device; compare figures only within one section.
-
+Sections are appended by `python bench.py` and `python bench_data.py` (see their docstrings for what is measured
+and how). Each section names its machine, torch version and device; compare figures only within one section.
 """
 
 
@@ -384,8 +408,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, nargs="+", default=None, help="BA iterations per forward")
     p.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS, help="implementations to time")
     p.add_argument("--chunk_size", type=int, default=vqvae.Config.chunk_size, help="our quantizers' chunk_size")
-    p.add_argument("--direct_max_gib", type=float, default=10.0,
-                   help="skip ba_direct where its (N, K) matrices would need more than this")
+    p.add_argument("--dense_max_gib", type=float, default=10.0,
+                   help="skip ba_direct and vqp where their (N, K) matrices would need more than this")
     p.add_argument("--no_train", action="store_true", help="skip the training-throughput rows")
     args = p.parse_args(argv)
     if args.repeats < 1:
@@ -406,8 +430,10 @@ def main(argv=None) -> dict:
     if grid["n"] % 64:
         raise SystemExit("--n must be a multiple of 64 (vectors are laid out as (B, D, 8, 8))")
     result = {"meta": machine_info(device), "grid": grid, "target_sizes": sizes}
+    ticks = cpu_ticks()
     result["quantizers"] = quantizer_rows(grid, device, args)
     result["training"] = [] if args.no_train else training_rows(grid, device, args)
+    result["meta"].update(contention(ticks))
     result["targets"] = target_rows(result["quantizers"], sizes)
     print(json.dumps(result, indent=1))
     if not args.no_append:

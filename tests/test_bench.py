@@ -70,9 +70,10 @@ def test_quick_appends_a_markdown_section(quick):
                for line in text.splitlines()) == n_cases
 
 
-def test_direct_is_skipped_beyond_the_memory_limit():
-    args = bench.parse_args(["--direct_max_gib", "0.001"])
-    row = bench.run_case("ba_direct", 1024, 8, 4096, 1, bench.torch.device("cpu"), args)
+@pytest.mark.parametrize("impl", ["ba_direct", "vqp"])
+def test_dense_references_are_skipped_beyond_the_memory_limit(impl):
+    args = bench.parse_args(["--dense_max_gib", "0.001"])
+    row = bench.run_case(impl, 1024, 8, 4096, 1, bench.torch.device("cpu"), args)
     assert row["ms"] is None and "GiB" in row["skipped"]
 
 
