@@ -393,15 +393,53 @@ def chunk_rows(chunk: int, K: int, device: torch.device) -> int:
     return max(1, min(chunk, CPU_CHUNK_ELEMENTS // K)) if device.type == "cpu" else chunk
 
 
+def _with_ones(e):
+    return torch.cat([e, torch.ones_like(e[:, :1])], 1)  # (N, D+1)
+
+
+CPU_TILE = 1024  # nearest-code search on CPU: (1024 rows, 1024 codes) score tiles, 4 MiB, stay in cache
+
+
 def nearest_code(e: torch.Tensor, C: torch.Tensor, chunk: int) -> torch.Tensor:
-    """argmin_k ||e_n - c_k||^2 for each row of e, never holding more than (chunk, K) distances."""
-    chunk = chunk_rows(chunk, len(C), e.device)
-    c_sq = (C * C).sum(1)
-    idx = torch.empty(len(e), dtype=torch.long, device=e.device)
-    for s in range(0, len(e), chunk):
-        # ||e||^2 is constant per row, so argmin over ||c||^2 - 2 e.c is enough
-        idx[s:s + chunk] = torch.addmm(c_sq, e[s:s + chunk], C.t(), alpha=-2.0).argmin(1)
+    """argmin_k ||e_n - c_k||^2 for each row of e (the first such k), never holding more than (chunk, K) scores.
+
+    On CPU the search is tiled over codes as well, keeping a running best per row: a whole (rows, K) block
+    either leaves the cache (K large, rows many) or makes a GEMM too thin to run fast (K large, rows few);
+    at K = 65,536 tiling halves the time.
+    """
+    N, K = len(e), len(C)
+    rows, tile = (min(chunk, CPU_TILE), CPU_TILE) if e.device.type == "cpu" else (chunk, K)
+    # [e, 1] W^T = 2 e.c - ||c||^2 = ||e||^2 - ||e - c||^2: the nearest code has the largest score, one GEMM
+    W = _with_ones(2.0 * C)
+    W[:, -1] = -(C * C).sum(1)
+    e1 = _with_ones(e)
+    idx = torch.empty(N, dtype=torch.long, device=e.device)
+    for s in range(0, N, rows):
+        best, arg = row_argmax(e1[s:s + rows] @ W[:tile].t())
+        for k in range(tile, K, tile):
+            score, i = row_argmax(e1[s:s + rows] @ W[k:k + tile].t())
+            better = score > best  # strict: on a tie the earlier tile, so the first index, wins
+            best, arg = torch.where(better, score, best), torch.where(better, i + k, arg)
+        idx[s:s + rows] = arg
     return idx
+
+
+ARGMAX_BLOCK = 64
+
+
+def row_argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max, index of the first max) of each row of x (R, K), as x.max(1).
+
+    On CPU torch's arg-reductions are not vectorised (about 15x slower than amax), so: the max of each block of
+    ARGMAX_BLOCK columns (vectorised), the first block holding the row max, then argmax within that block only.
+    """
+    R, K = x.shape
+    if x.device.type != "cpu" or K % ARGMAX_BLOCK or K == ARGMAX_BLOCK:
+        return x.max(1)
+    blocks = x.reshape(R, K // ARGMAX_BLOCK, ARGMAX_BLOCK)
+    best, j = blocks.amax(2).max(1)
+    inner = blocks[torch.arange(R, device=x.device), j].argmax(1)
+    return best, j * ARGMAX_BLOCK + inner
 
 
 def kmeans(e: torch.Tensor, K: int, iters: int, chunk: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -481,6 +519,13 @@ class _CodebookQuantizer(nn.Module):
         self.register_buffer("ema_count", torch.zeros(self.K))
         self.register_buffer("ema_sum", init.clone() * 0)
         self.register_buffer("initialized", torch.tensor(not cfg.kmeans_init))
+        self._initialized = None  # host copy of the flag, so a training step needs no device sync to read it
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_initialized", None))
+
+    def needs_init(self) -> bool:
+        if self._initialized is None:
+            self._initialized = bool(self.initialized)
+        return self.training and not self._initialized
 
     # -- statistics ---------------------------------------------------------------------------------------------
     def _smoothed(self, count: torch.Tensor) -> torch.Tensor:
@@ -511,6 +556,7 @@ class _CodebookQuantizer(nn.Module):
         self.ema_count.copy_(counts)  # counts of the gathered batch: the same scale as rank-summed EMA counts
         self._resync_sums()
         self.initialized.fill_(True)
+        self._initialized = True
 
     @torch.no_grad()
     def _restart_dead(self, e: torch.Tensor) -> torch.Tensor:
@@ -553,7 +599,7 @@ class VQEMAQuantizer(_CodebookQuantizer):
     def forward(self, z: torch.Tensor):
         with _no_autocast(z.device.type):
             e = self._flatten(z)  # (N, D)
-            if self.training and not self.initialized:
+            if self.needs_init():
                 self._kmeans_init(e.detach())
             with torch.no_grad():
                 idx = nearest_code(e, self.codebook, self.cfg.chunk_size)  # (N,)
@@ -616,7 +662,7 @@ class _BAAssign(torch.autograd.Function):
                     saved[t].append(p)
                 if last:
                     torch.mm(p, C, out=z[s:s + chunk])
-                    idx[s:s + chunk] = logits.argmax(1)
+                    idx[s:s + chunk] = row_argmax(logits)[1]
                     if want_sums:
                         sums.addmm_(p.t(), e[s:s + chunk])
             log_Qs.append(_dist_logsumexp(lse) - log_N)
@@ -687,10 +733,6 @@ def _ba_logit_weights(C, c_sq, log_Q, beta):
     per-row constant -beta ||e||^2, which the softmax removes. The bias rides in the GEMM as an extra column:
     addmm's broadcast copy of it into the (chunk, K) output costs as much as the GEMM itself at D = 64."""
     return torch.cat([(2.0 * beta) * C, (log_Q - beta * c_sq)[:, None]], 1)
-
-
-def _with_ones(e):
-    return torch.cat([e, torch.ones_like(e[:, :1])], 1)  # (N, D+1)
 
 
 def _dist_logsumexp(lse: torch.Tensor) -> torch.Tensor:
@@ -776,7 +818,7 @@ class BAQuantizer(_CodebookQuantizer):
         cfg = self.cfg
         with _no_autocast(z.device.type):
             e = self._flatten(z)  # (N, D)
-            if self.training and not self.initialized:
+            if self.needs_init():
                 self._kmeans_init(e.detach())
             # a copy: the running marginal is updated in place after this forward, backward needs what it saw
             log_Q0 = self.log_Q_running.clone() if cfg.marginal == "running" else torch.full_like(self.log_Q_running,

@@ -1,5 +1,6 @@
-"""The quantizers' fast paths agree with the plain formulas: CPU chunk capping, the underflow route of the M-step's
-column sums, and the BA backward's fused dL/dlogits, in regimes where many columns underflow."""
+"""The quantizers' fast paths agree with the plain formulas: CPU chunk capping, the tiled nearest-code search and
+blocked row argmax, the underflow route of the M-step's column sums, and the BA backward's fused dL/dlogits, in
+regimes where many columns underflow."""
 import math
 
 import pytest
@@ -14,6 +15,29 @@ def test_chunk_rows_caps_cpu_blocks_only():
     assert vqvae.chunk_rows(4096, 65536, cpu) * 65536 <= vqvae.CPU_CHUNK_ELEMENTS
     assert vqvae.chunk_rows(4096, 10 ** 9, cpu) == 1
     assert vqvae.chunk_rows(4096, 65536, cuda) == 4096
+
+
+@pytest.mark.parametrize("shape", [(5, 64), (7, 128), (33, 640), (3, 100), (4, 1)])
+def test_row_argmax_is_max_with_the_first_index_on_ties(shape):
+    g = torch.Generator().manual_seed(shape[1])
+    x = torch.randint(0, 4, shape, generator=g).float()  # many ties: the first index must win
+    x[0, :] = 2.0  # a row that is all ties
+    best, idx = vqvae.row_argmax(x)
+    want_best, want_idx = x.max(1)
+    assert torch.equal(best, want_best) and torch.equal(idx, want_idx)
+    assert idx[0] == 0
+
+
+@pytest.mark.parametrize("tile", [3, 64, 1024])
+def test_tiled_nearest_code_equals_cdist_argmin(monkeypatch, tile):
+    g = torch.Generator().manual_seed(tile)
+    e, C = torch.randn(300, 8, generator=g), torch.randn(200, 8, generator=g)
+    C[150] = C[20]  # a duplicate code: both tie for the same rows, the lower index must win
+    e[:10] = C[20]
+    monkeypatch.setattr(vqvae, "CPU_TILE", tile)  # 3: many code tiles and 3-row blocks
+    idx = vqvae.nearest_code(e, C, 4096)
+    assert torch.equal(idx, torch.cdist(e, C).argmin(1))
+    assert (idx[:10] == 20).all()
 
 
 @pytest.mark.parametrize("scale", [1.0, 300.0, 3000.0])
