@@ -66,7 +66,7 @@ def target_sizes(grid: dict) -> dict:
 def machine_info(device: torch.device) -> dict:
     info = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__, "device": str(device),
-            "cpu": _cpu_model(), "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu": cpu_model(), "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "cuda_available": torch.cuda.is_available(), "vector_quantize_pytorch": _vqp_version()}
     return info
@@ -90,7 +90,7 @@ def contention(start: list[int] | None) -> dict:
     return {"steal_pct": round(100 * d[7] / max(sum(d), 1), 1), "loadavg_end": os.getloadavg()[0]}
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import sys
 import tempfile
 import time
@@ -23,13 +22,7 @@ from pathlib import Path
 import torch
 
 import vqvae
-
-
-HEADER = """# Benchmarks
-
-Sections are appended by `python bench.py` and `python bench_data.py` (see their docstrings for what is measured
-and how). Each section names its machine, torch version and device; compare figures only within one section.
-"""
+from bench import append_report, cpu_model
 
 
 class SeedCIFAR10(torch.utils.data.Dataset):
@@ -110,16 +103,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", default="./data")
@@ -139,15 +122,11 @@ def main(argv=None):
         cmd = "python bench_data.py " + " ".join(sys.argv[1:])
         n_threads = torch.get_num_threads()
         section = (f"\n## Data path: DataLoader vs uint8 batches on the device ({datetime.date.today()})\n\n"
-                   f"{cpu_name()}, {n_threads} torch threads, torch {torch.__version__}, device {args.device}. "
+                   f"{cpu_model()}, {n_threads} torch threads, torch {torch.__version__}, device {args.device}. "
                    f"`{args.arch}` arch, `{args.quantizer}` K={args.codebook_size}, batch {args.batch_size}, "
                    f"one epoch of full batches per pass, fastest of {args.repeats} passes.\n"
                    f"Command: `{cmd}`\n\n{text}\n")
-        path = Path(__file__).resolve().parent / "BENCHMARKS.md"
-        if not path.exists():
-            path.write_text(HEADER)
-        with open(path, "a") as fh:
-            fh.write(section)
+        append_report(Path(__file__).resolve().parent / "BENCHMARKS.md", section.lstrip("\n"))
 
 
 if __name__ == "__main__":
