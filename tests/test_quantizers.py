@@ -59,6 +59,24 @@ def test_kmeans_init_uses_first_training_batch_only(kind):
     assert bool(q.initialized) and not torch.equal(before, q.codebook.detach())
 
 
+@pytest.mark.parametrize("kind", QUANTIZERS)
+def test_loaded_state_decides_whether_kmeans_runs(kind):
+    """The quantizer keeps a host copy of its `initialized` flag; loading a state must replace it."""
+    torch.manual_seed(0)
+    done = make_q(kind).train()
+    done(latents(seed=3))
+    fresh = make_q(kind).train()
+    assert fresh.needs_init() and not done.needs_init()
+    fresh.load_state_dict(done.state_dict())
+    before = fresh.codebook.detach().clone()
+    fresh(latents(seed=4))
+    assert not fresh.needs_init()
+    if kind == "vq_ema":  # no k-means on the new batch: the codebook moved by one EMA step only
+        assert torch.allclose(before, fresh.codebook, atol=0.05)
+    done.load_state_dict(make_q(kind).state_dict())
+    assert done.needs_init()
+
+
 # -- VQ-EMA ---------------------------------------------------------------------------------------------------------
 
 def test_vq_ema_update_matches_hand_computation():
