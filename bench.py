@@ -307,12 +307,14 @@ def target_rows(rows: list[dict], sizes: dict) -> list[dict]:
     out = []
 
     def ratio(name, num, den, need, at_least=True):
+        op = "≥" if at_least else "≤"
         if num is None or den is None:
-            out.append({"target": name, "ratio": None, "need": need, "status": "not measured", "from": ""})
+            out.append({"target": name, "ratio": None, "need": need, "op": op, "status": "not measured", "from": ""})
             return
         value = num["ms"] / den["ms"]
         ok = value >= need if at_least else value <= need
-        out.append({"target": name, "ratio": round(value, 3), "need": need, "status": "PASS" if ok else "MISS",
+        out.append({"target": name, "ratio": round(value, 3), "need": need, "op": op,
+                    "status": "PASS" if ok else "MISS",
                     "from": f"{num['impl']} {num['ms']:.1f} ms / {den['impl']} {den['ms']:.1f} ms"})
 
     ratio(f"VQ-EMA speed-up over VectorQuantize, K={small}", ms("vqp", small), ms("vq_ema", small), 1.5)
@@ -324,11 +326,11 @@ def target_rows(rows: list[dict], sizes: dict) -> list[dict]:
     ba = ms("ba", large, 1)
     peak = ba["peak_mib"] / 1024 if ba and ba.get("peak_mib") is not None else None
     out.append({"target": f"BA (ba_iters 1) peak memory increase in GiB, K={large}",
-                "ratio": None if peak is None else round(peak, 3), "need": 1.5,
+                "ratio": None if peak is None else round(peak, 3), "need": 1.5, "op": "≤",
                 "status": "not measured" if peak is None else "PASS" if peak <= 1.5 else "MISS",
                 "from": "" if peak is None else f"ba {ba['peak_mib']:.0f} MiB"})
     ran = ms("ba", huge, 1)
-    out.append({"target": f"BA (ba_iters 1) runs at K={huge}", "ratio": None, "need": None,
+    out.append({"target": f"BA (ba_iters 1) runs at K={huge}", "ratio": None, "need": None, "op": None,
                 "status": "PASS" if ran else "not measured", "from": f"ba {ran['ms']:.1f} ms" if ran else ""})
     return out
 
@@ -366,8 +368,7 @@ def markdown(result: dict, command: str) -> str:
     lines += ["", f"Targets (N = {result['target_sizes']['N']}, D = {result['target_sizes']['D']}):", "",
               "| target | measured | required | status | from |", "|---|---:|---:|---|---|"]
     for t in result["targets"]:
-        need = "" if t["need"] is None else ("≤ " if "time /" in t["target"] or "GiB" in t["target"] else "≥ ") \
-            + f"{t['need']:g}"
+        need = "" if t["need"] is None else f"{t['op']} {t['need']:g}"
         lines.append(f"| {t['target']} | {'' if t['ratio'] is None else t['ratio']} | {need} | {t['status']} | "
                      f"{t['from']} |")
     return "\n".join(lines) + "\n"

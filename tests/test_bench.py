@@ -58,6 +58,7 @@ def test_quick_targets_are_ratios_of_measured_rows(quick):
                                                 abs=1e-3)
     assert ba_over_vq["status"] == ("PASS" if ba_over_vq["ratio"] <= 1.5 else "MISS")
     assert all(t["status"] in ("PASS", "MISS", "not measured") for t in targets.values())
+    assert ba_over_vq["op"] == "≤" and f"≤ {ba_over_vq['need']:g}" in quick[1].read_text()
 
 
 def test_quick_appends_a_markdown_section(quick):
