@@ -184,7 +184,7 @@ def make_forward(impl: str, D: int, K: int, iters: int, device, chunk: int):
         return forward_vqp, "BND"
     kind = "vq_ema" if impl == "vq_ema" else "ba_vq"
     cfg = vqvae.Config(quantizer=kind, codebook_size=K, ba_iters=iters, chunk_size=chunk, wandb=False)
-    q = vqvae.QUANTIZERS[kind](cfg, D).to(device).train()
+    q = vqvae.make_quantizer(cfg, D).to(device).train()
 
     def forward(z):
         swap = _swapped(vqvae, "ba_assign", dense_ba_assign) if impl == "ba_direct" else contextlib.nullcontext()

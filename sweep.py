@@ -1,6 +1,6 @@
 """Sweeps: a shared base config plus named experiments, run in order into <out_dir>/<sweep>/<experiment>.
 
-    python train.py --sweep sweeps/seed_ablation.yaml                       # full size
+    python train.py --sweep sweeps/seed_ablation.yaml                       # full size (train.py parses the flags)
     python train.py --sweep sweeps/seed_ablation.yaml --epochs 2 --dataset cifar10-sample --no_wandb
 
 Sweep file:
@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Optional
 
+import runs
 import vqvae
 from vqvae import UserError
 
-RESULT_COLUMNS = ["experiment", "key_change", "psnr", "perplexity", "usage_rate", "dead_codes", "wall_time_s"]
+SETTING_COLUMNS = ["experiment", "key_change", "quantizer", "codebook_size", "seed"]
+HEADLINE_COLUMNS = ["psnr", "perplexity", "usage_rate", "dead_codes", "wall_time_s"]
 
 
 def read_sweep(path: str | Path) -> dict:
@@ -72,19 +73,21 @@ def run_sweep(path: str, config_file: Optional[str] = None, flags: Optional[dict
 
 
 def collect_results(configs: list[tuple[str, vqvae.Config]]) -> list[dict]:
+    """One row per experiment: its settings, wall time and every key of its final_metrics.json (None while
+    unfinished), best PSNR first."""
     rows = []
     for key_change, cfg in configs:
-        run = vqvae.load_run(Path(cfg.out_dir) / cfg.name)
-        final = run["final"] or {}
-        rows.append({"experiment": cfg.name, "key_change": key_change,
-                     **{k: final.get(k) for k in ("psnr", "perplexity", "usage_rate", "dead_codes")},
-                     "wall_time_s": sum(r.get("epoch_time", 0) for r in run["records"])})
+        run = runs.load_run(Path(cfg.out_dir) / cfg.name)
+        rows.append({"experiment": cfg.name, "key_change": key_change, "quantizer": cfg.quantizer,
+                     "codebook_size": cfg.codebook_size, "seed": cfg.seed, **{k: None for k in HEADLINE_COLUMNS},
+                     **(run["final"] or {}), "wall_time_s": sum(r.get("epoch_time", 0) for r in run["records"])})
     return sorted(rows, key=lambda r: -(r["psnr"] if r["psnr"] is not None else -1e9))
 
 
 def write_results(rows: list[dict], folder: Path):
+    columns = list(dict.fromkeys(SETTING_COLUMNS + HEADLINE_COLUMNS + [k for r in rows for k in r]))
     with open(folder / "results.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=RESULT_COLUMNS)
+        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
     (folder / "results.md").write_text(results_markdown(rows))
@@ -102,13 +105,3 @@ def results_markdown(rows: list[dict]) -> str:
                      f"{fmt(r['perplexity'], '.1f')} | {usage} | {fmt(r['dead_codes'], 'd')} | "
                      f"{time.strftime('%H:%M:%S', time.gmtime(r['wall_time_s']))} |")
     return "\n".join(lines) + "\n"
-
-
-def main():
-    import sys
-    import train
-    sys.exit(train.main(["--sweep", *sys.argv[1:]]))
-
-
-if __name__ == "__main__":
-    main()

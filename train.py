@@ -33,6 +33,14 @@ def _flag_type(hint):
     return base, None
 
 
+def _help(f) -> str:
+    """The field's one-line doc, with its default unless the doc already says it or there is none to show."""
+    text = f.metadata["help"]
+    if "default" in text or f.default in (None, ""):
+        return text
+    return f"{text} (default: {f.default})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                      argument_default=argparse.SUPPRESS)
@@ -40,14 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sweep", help="YAML sweep file: base config + named experiments (see sweeps/)")
     hints = typing.get_type_hints(Config)
     for name, f in vqvae.config_fields().items():
-        help_text = f"{f.metadata['help']} (default: {f.default})"
         kind, choices = _flag_type(hints[name])
+        if "choices" in f.metadata:  # read when the parser is built: quantizers registered by then are offered
+            choices = f.metadata["choices"]()
         if kind is bool:
-            parser.add_argument(f"--{name}", action="store_true", help=help_text)
-            parser.add_argument(f"--no_{name}", dest=name, action="store_false", help=argparse.SUPPRESS)
+            # both spellings work; --help shows the one that changes something
+            on, off = (argparse.SUPPRESS, f"turn off: {f.metadata['help']}") if f.default else \
+                (f.metadata["help"], argparse.SUPPRESS)
+            parser.add_argument(f"--{name}", action="store_true", help=on)
+            parser.add_argument(f"--no_{name}", dest=name, action="store_false", help=off)
         else:
-            parser.add_argument(f"--{name}", type=kind, choices=choices, help=help_text, metavar=name.upper()
-                                if choices is None else None)
+            parser.add_argument(f"--{name}", type=kind, choices=choices, help=_help(f),
+                                metavar=name.upper() if choices is None else None)
     return parser
 
 

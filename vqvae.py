@@ -1,8 +1,10 @@
-"""BA-VQ: VQ-VAEs on CIFAR-10 with a VQ-EMA quantizer and a Blahut-Arimoto soft quantizer.
+"""BA-VQ: VQ-VAEs on CIFAR-10 with interchangeable quantizers, for studying codebook utilization.
 
-One research module, read top to bottom:
-Config -> Data -> Encoder/Decoder -> Quantizers -> VQVAE -> Metrics -> Rate-distortion -> Train/Validate
--> Checkpoint I/O -> Run loading. `train.py` is a thin CLI over `train(cfg)`; nothing runs at import time.
+One research module, read top to bottom. The method first:
+Config -> Data -> Encoder/Decoder -> Quantizers (the contract, VQ-EMA, Blahut-Arimoto) -> Model -> Metrics
+-> Rate-distortion -> Train/Validate; then the plumbing, one concern a section: Distributed, Fast kernels,
+Checkpoint I/O, Logging and W&B. `train.py` is a thin CLI over `train(cfg)`; `runs.py` loads finished runs for
+analyze.ipynb and the sweeps. Nothing runs at import time.
 
 Papers:
 - VQ-VAE, EMA codebook: van den Oord et al. 2017, "Neural Discrete Representation Learning" (arXiv:1711.00937).
@@ -26,14 +28,13 @@ import pickle
 import random
 import shutil
 import signal
-import sys
 import tempfile
 import time
 import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, ClassVar, Literal, Optional
 
 import numpy as np
 import torch
@@ -54,8 +55,8 @@ class UserError(Exception):
 # Config
 # ################################################################################################################
 
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
+def _f(default, help: str, **metadata):
+    return field(default=default, metadata={"help": help, **metadata})
 
 
 @dataclass
@@ -74,7 +75,8 @@ class Config:
     # model
     arch: Literal["residual", "compact"] = _f("residual", "residual (seed 004) or compact (seed 000)")
     latent_dim: Optional[int] = _f(None, "code dimension D (default: 256 residual, 64 compact)")
-    quantizer: Literal["vq_ema", "ba_vq"] = _f("vq_ema", "vq_ema (hard, EMA codebook) or ba_vq (Blahut-Arimoto)")
+    quantizer: str = _f("vq_ema", "a registered quantizer (QUANTIZERS in vqvae.py)",
+                        choices=lambda: sorted(QUANTIZERS))
     codebook_size: int = _f(512, "number of codes K")
     commitment_weight: float = _f(0.25, "weight of ||e - sg(z_q)||^2")
     codebook_weight: float = _f(1.0, "BA: weight of ||z_q - sg(e)||^2")
@@ -99,7 +101,7 @@ class Config:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _f("auto", "autocast dtype (auto: bf16 on CUDA, else fp32)")
     compile: bool = _f(False, "wrap the model with torch.compile")
     # logging
-    log_every: int = _f(50, "steps between train records (batch perplexity, beta, losses)")
+    log_every: int = _f(0, "steps between train records (0: auto, total steps / 100 within [1, 50])")
     checkpoint_every: int = _f(10, "epochs between checkpoint_epoch{N}.pt files")
     wandb: bool = _f(True, "log to Weights & Biases (offline mode when not logged in)")
     wandb_project: str = _f("vq-codebook", "W&B project")
@@ -109,6 +111,10 @@ class Config:
 
     def validate(self):
         _check_types(self)
+        if self.quantizer not in QUANTIZERS:
+            near = difflib.get_close_matches(self.quantizer, QUANTIZERS, n=1)
+            raise UserError(f"quantizer must be one of {', '.join(sorted(QUANTIZERS))}, got {self.quantizer!r}"
+                            + (f" (did you mean '{near[0]}'?)" if near else ""))
         checks = [
             (self.codebook_size >= 2, "codebook_size must be >= 2"),
             (self.ba_iters >= 1, "ba_iters must be >= 1"),
@@ -121,7 +127,7 @@ class Config:
             (self.lr > 0, "lr must be > 0"),
             (self.kmeans_iters >= 0, "kmeans_iters must be >= 0"),
             (self.chunk_size >= 1, "chunk_size must be >= 1"),
-            (self.log_every >= 1, "log_every must be >= 1"),
+            (self.log_every >= 0, "log_every must be >= 0 (0: auto)"),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
             (self.latent_dim is None or self.latent_dim >= 1, "latent_dim must be >= 1"),
         ]
@@ -198,6 +204,18 @@ def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def resolve_config(config_file: Optional[str], flags: dict) -> Config:
+    """Defaults < YAML file < flags. With resume, the run's saved config takes the place of the defaults."""
+    values = read_yaml(config_file) if config_file else {}
+    values = {**values, **flags}
+    cfg = make_config(values)
+    if cfg.resume and cfg.name:
+        saved_path = Path(cfg.out_dir) / cfg.name / "config.yaml"
+        if saved_path.exists():
+            cfg = make_config({**read_yaml(saved_path), **values})
+    return cfg
+
+
 # Fields that may differ when a run is resumed: they change neither the model nor its training trajectory's state.
 RESUMABLE_CHANGES = {"epochs", "log_every", "checkpoint_every", "wandb", "wandb_project", "resume", "overwrite",
                      "device", "data_dir", "out_dir", "compile"}
@@ -251,12 +269,22 @@ def load_cifar10(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _download_cifar10(data_dir: Path) -> Path:
+    """torchvision's download into data_dir. On failure, every folder it created is removed again (a failed run
+    leaves nothing behind) and the message says what was looked for."""
     import torchvision
+    created = [p for p in [data_dir, *data_dir.parents] if not p.exists()]
+    present = set(data_dir.iterdir()) if data_dir.is_dir() else set()
     try:
         torchvision.datasets.CIFAR10(str(data_dir), train=True, download=True)
     except Exception as err:  # no network, proxy, disk: all end the same way for the user
-        raise UserError(f"could not download CIFAR-10 into {data_dir} ({type(err).__name__}); point --data_dir at "
-                        f"a folder holding cifar-10-batches-py, or use --dataset cifar10-sample") from None
+        if created:
+            shutil.rmtree(created[-1], ignore_errors=True)  # the outermost folder this call created
+        else:  # data_dir existed: only what the download added goes
+            for path in set(data_dir.iterdir()) - present:
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        raise UserError(f"no CIFAR-10 batches in {data_dir} and downloading them failed ({type(err).__name__}); "
+                        f"point --data_dir at a folder holding cifar-10-batches-py, or use --dataset cifar10-sample"
+                        ) from None
     return data_dir / "cifar-10-batches-py"
 
 
@@ -338,113 +366,200 @@ def make_decoder(arch: str, dim: int) -> nn.Module:
 # ################################################################################################################
 # Quantizers
 # ################################################################################################################
+# The contract. A quantizer is an nn.Module that maps encoder features to quantized features:
+#
+#   forward(z (B, D, H, W)) -> (z_q (B, D, H, W), losses, metrics)
+#     losses   {name: scalar tensor}, already weighted. The trainer adds every term to the reconstruction loss and
+#              logs each under its own name: train/<name> (steps), train_epoch/<name> (epoch means), val/<name>.
+#     metrics  {"code_indices": (B, H, W) long, the code of every latent, plus any scalar tensors} logged per step
+#              as train/<name> (batch perplexity, usage, beta ...). In eval mode a latent's code depends on that
+#              latent alone (never on the batch around it), and z_q is codes(code_indices): the deployed model.
+#   schedule(progress)  called before every training step with progress in [0, 1] over the run (annealing).
+#   report()            {name: float} that validation adds to its record (e.g. the current beta).
+#   codes(idx)          the vectors (..., D) that code indices stand for.
+#   K                   the number of codes.
+#
+# Hyperparameters: each class names its own in a `Params` dataclass whose fields are Config fields;
+# make_quantizer(cfg, dim) fills them, so a quantizer never sees the rest of the Config.
+# A new method: subclass Quantizer, then `@register_quantizer("name")`. The name becomes a valid `--quantizer`.
+
+QUANTIZERS: dict[str, type["Quantizer"]] = {}
+
+
+def register_quantizer(name: str) -> Callable[[type], type]:
+    """Class decorator: adds the quantizer to QUANTIZERS under `name` (the --quantizer value)."""
+    def add(cls):
+        missing = [f.name for f in dataclasses.fields(cls.Params) if f.name not in config_fields()]
+        if missing:
+            raise TypeError(f"{cls.__name__}.Params fields must be Config fields; not: {', '.join(missing)}")
+        QUANTIZERS[name] = cls
+        cls.name = name
+        return cls
+    return add
+
+
+def make_quantizer(cfg: Config, dim: int) -> "Quantizer":
+    """The registered quantizer cfg.quantizer, built with the Config values its Params name."""
+    cls = QUANTIZERS[cfg.quantizer]
+    return cls(cls.Params(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls.Params)}), dim)
+
+
+class Quantizer(nn.Module):
+    """Base of every quantizer: see the contract above."""
+
+    @dataclass
+    class Params:
+        codebook_size: int
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, params: "Quantizer.Params", dim: int):
+        super().__init__()
+        self.hp, self.K, self.dim = params, params.codebook_size, dim
+
+    def schedule(self, progress: float) -> None:
+        """Set annealed hyperparameters for a training step at `progress` in [0, 1]; none by default."""
+
+    def report(self) -> dict[str, float]:
+        return {}
+
+    def codes(self, idx: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- shapes -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _flatten(z: torch.Tensor) -> torch.Tensor:
+        return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float()  # (B, D, H, W) -> (N, D), float32
+
+    @staticmethod
+    def _unflatten(v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        B, D, H, W = z.shape
+        return v.reshape(B, H, W, D).permute(0, 3, 1, 2)
+
+    def _batch_metrics(self, idx: torch.Tensor, z: torch.Tensor) -> dict:
+        counts = torch.bincount(idx, minlength=self.K)
+        return {"code_indices": idx.reshape(z.shape[0], z.shape[2], z.shape[3]),
+                **{k: v for k, v in codebook_stats(counts).items() if k != "dead_codes"}}
+
 
 def _no_autocast(device_type: str):
     return torch.autocast(device_type=device_type, enabled=False)
 
 
-def dist_sum_(t: torch.Tensor) -> torch.Tensor:
-    """Sum a statistic over data-parallel ranks in place (no-op in a single process)."""
-    if _world() > 1:
-        dist.all_reduce(t)
-    return t
+# -- estimators: how the encoder's gradient crosses the discrete choice ------------------------------------------
+
+def straight_through(e: torch.Tensor, z_q: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Decoder input whose value is z_q and whose gradient reaches the encoder output e."""
+    if estimator == "rotation":
+        return rotate_to(e, z_q)
+    return e + (z_q - e).detach()  # straight-through estimator
 
 
-_rank_local_depth = 0
+def rotate_to(e: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
+    """Rotation trick (Fifty et al. 2024): returns z_q in the forward pass, while the gradient reaching e is
+    the incoming gradient rotated and scaled by the map taking e to z_q, held fixed (stop-gradient).
 
-
-@contextlib.contextmanager
-def rank_local():
-    """Quantizers reduce nothing across ranks inside this block: for a forward that only some ranks run
-    (rank 0's reconstruction image), which would otherwise wait forever on the others."""
-    global _rank_local_depth
-    _rank_local_depth += 1
-    try:
-        yield
-    finally:
-        _rank_local_depth -= 1
-
-
-def _world() -> int:
-    if _rank_local_depth or not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size()
-
-
-def scatter_sum(idx: torch.Tensor, e: torch.Tensor, K: int) -> torch.Tensor:
-    """sums[k] = sum of rows e[n] with idx[n] == k, (K, D), in O(N D) with no (N, K) one-hot.
-
-    On CPU: a stable sort then a segment sum, which is deterministic (index_put_'s accumulate uses atomic adds
-    whose order varies run to run, and index_add_ is serial and several times slower). Elsewhere: index_add_.
+    R = I - 2 r r^T + 2 q_hat e_hat^T with r = (e_hat + q_hat)/||e_hat + q_hat||; lambda = ||z_q|| / ||e||.
+    Applied as vector operations, so no (D, D) matrix is formed.
     """
-    if e.device.type != "cpu":
-        return torch.zeros(K, e.shape[1], dtype=e.dtype, device=e.device).index_add_(0, idx, e)
-    order = idx.argsort(stable=True)
-    return torch.segment_reduce(e[order], "sum", lengths=torch.bincount(idx, minlength=K), axis=0)
+    tiny = torch.finfo(e.dtype).tiny ** 0.5
+    e_norm = e.norm(dim=1, keepdim=True).clamp_min(tiny)
+    q_norm = z_q.norm(dim=1, keepdim=True).clamp_min(tiny)
+    e_hat, q_hat = (e / e_norm).detach(), (z_q / q_norm).detach()
+    r = e_hat + q_hat
+    r = r / r.norm(dim=1, keepdim=True).clamp_min(tiny)
+    rotated = e - 2 * (e * r).sum(1, keepdim=True) * r + 2 * (e * e_hat).sum(1, keepdim=True) * q_hat
+    return (q_norm / e_norm).detach() * rotated
 
 
-CPU_CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 per (rows, K) block
+# -- codebooks: storage, k-means initialisation, EMA statistics, dead-code restarts ------------------------------
 
+class CodebookQuantizer(Quantizer):
+    """Shared machinery of quantizers with a (K, D) codebook: k-means init on the first training batch, EMA
+    statistics, dead-code restarts.
 
-def chunk_rows(chunk: int, K: int, device: torch.device) -> int:
-    """Rows per (rows, K) block: `chunk`, capped on CPU at CPU_CHUNK_ELEMENTS / K. glibc serves blocks of 32 MiB
-    and more by fresh mmaps whose page faults cost as much as the arithmetic (and such blocks miss the caches);
-    smaller ones are reused. On CUDA the caching allocator has no such cost and bigger blocks mean fewer launches."""
-    return max(1, min(chunk, CPU_CHUNK_ELEMENTS // K)) if device.type == "cpu" else chunk
-
-
-def _with_ones(e):
-    return torch.cat([e, torch.ones_like(e[:, :1])], 1)  # (N, D+1)
-
-
-CPU_TILE = 1024  # nearest-code search on CPU: (1024 rows, 1024 codes) score tiles, 4 MiB, stay in cache
-
-
-def nearest_code(e: torch.Tensor, C: torch.Tensor, chunk: int) -> torch.Tensor:
-    """argmin_k ||e_n - c_k||^2 for each row of e (the first such k), never holding more than (chunk, K) scores.
-
-    On CPU the search is tiled over codes as well, keeping a running best per row: a whole (rows, K) block
-    either leaves the cache (K large, rows many) or makes a GEMM too thin to run fast (K large, rows few);
-    at K = 65,536 tiling halves the time.
+    Invariant kept by every update: codebook == ema_sum / smoothed(ema_count) for EMA-updated codebooks. The EMA
+    starts from one pseudo-count per code at the initial codebook, so it holds from the first step even without
+    k-means (an unused code then keeps its place instead of collapsing to the origin).
     """
-    N, K = len(e), len(C)
-    rows, tile = (min(chunk, CPU_TILE), CPU_TILE) if e.device.type == "cpu" else (chunk, K)
-    # [e, 1] W^T = 2 e.c - ||c||^2 = ||e||^2 - ||e - c||^2: the nearest code has the largest score, one GEMM
-    W = _with_ones(2.0 * C)
-    W[:, -1] = -(C * C).sum(1)
-    e1 = _with_ones(e)
-    idx = torch.empty(N, dtype=torch.long, device=e.device)
-    for s in range(0, N, rows):
-        best, arg = row_argmax(e1[s:s + rows] @ W[:tile].t())
-        for k in range(tile, K, tile):
-            score, i = row_argmax(e1[s:s + rows] @ W[k:k + tile].t())
-            better = score > best  # strict: on a tie the earlier tile, so the first index, wins
-            best, arg = torch.where(better, score, best), torch.where(better, i + k, arg)
-        idx[s:s + rows] = arg
-    return idx
 
+    @dataclass
+    class Params(Quantizer.Params):
+        decay: float
+        epsilon: float
+        kmeans_init: bool
+        kmeans_iters: int
+        dead_code_threshold: float
+        chunk_size: int
 
-ARGMAX_BLOCK = 64
+    def __init__(self, params: "CodebookQuantizer.Params", dim: int, learnable: bool):
+        super().__init__(params, dim)
+        init = torch.empty(self.K, dim).uniform_(-1.0 / self.K, 1.0 / self.K)
+        if learnable:
+            self.codebook = nn.Parameter(init)
+        else:
+            self.register_buffer("codebook", init)
+        self.register_buffer("ema_count", torch.ones(self.K))
+        self.register_buffer("ema_sum", torch.zeros_like(init))
+        self._resync_sums()
+        self.register_buffer("initialized", torch.tensor(not params.kmeans_init))
+        self._initialized = None  # host copy of the flag, so a training step needs no device sync to read it
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_initialized", None))
 
+    def codes(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.codebook[idx]
 
-def row_argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(max, index of the first max) of each row of x (R, K), as x.max(1).
+    def needs_init(self) -> bool:
+        if self._initialized is None:
+            self._initialized = bool(self.initialized)
+        return self.training and not self._initialized
 
-    On CPU torch's arg-reductions are not vectorised (about 15x slower than amax), so: the max of each block of
-    ARGMAX_BLOCK columns (vectorised), the first block holding the row max, then argmax within that block only.
-    """
-    R, K = x.shape
-    if x.device.type != "cpu" or K % ARGMAX_BLOCK or K == ARGMAX_BLOCK:
-        return x.max(1)
-    blocks = x.reshape(R, K // ARGMAX_BLOCK, ARGMAX_BLOCK)
-    best, j = blocks.amax(2).max(1)
-    inner = blocks[torch.arange(R, device=x.device), j].argmax(1)
-    return best, j * ARGMAX_BLOCK + inner
+    def _smoothed(self, count: torch.Tensor) -> torch.Tensor:
+        n = count.sum()
+        return (count + self.hp.epsilon) / (n + self.K * self.hp.epsilon) * n
+
+    @torch.no_grad()
+    def _resync_sums(self):
+        self.ema_sum.copy_(self.codebook * self._smoothed(self.ema_count)[:, None])
+
+    @torch.no_grad()
+    def _ema_update(self, counts: torch.Tensor, sums: Optional[torch.Tensor], update_codebook: bool):
+        """EMA of cluster sizes and sums (summed over ranks first); codes <- sums / Laplace-smoothed sizes."""
+        d = self.hp.decay
+        self.ema_count.mul_(d).add_(dist_sum_(counts), alpha=1 - d)
+        if update_codebook:
+            self.ema_sum.mul_(d).add_(dist_sum_(sums), alpha=1 - d)
+            self.codebook.copy_(self.ema_sum / self._smoothed(self.ema_count)[:, None])
+
+    @torch.no_grad()
+    def _kmeans_init(self, e: torch.Tensor):
+        """Codes from k-means on this (training) batch, gathered from all ranks; EMA buffers made consistent."""
+        e = _gather_rows(e)
+        gen = torch.Generator().manual_seed(int(torch.randint(2 ** 31 - 1, (1,)).item()))
+        C, counts = kmeans(e, self.K, self.hp.kmeans_iters, self.hp.chunk_size, gen)
+        C, counts = _broadcast(C), _broadcast(counts)
+        self.codebook.data.copy_(C)
+        self.ema_count.copy_(counts)  # counts of the gathered batch: the same scale as rank-summed EMA counts
+        self._resync_sums()
+        self.initialized.fill_(True)
+        self._initialized = True
+
+    @torch.no_grad()
+    def _restart_dead(self, e: torch.Tensor) -> torch.Tensor:
+        """Re-seed codes whose EMA cluster size fell below the threshold from random encoder vectors."""
+        threshold = self.hp.dead_code_threshold
+        dead = self.ema_count < threshold
+        n_dead = dead.sum()
+        if n_dead.item() == 0:
+            return n_dead
+        self.codebook.data[dead] = _random_rows(e, int(n_dead))
+        self.ema_count[dead] = threshold  # at the threshold: alive until it decays unused
+        self._resync_sums()
+        return n_dead
 
 
 def kmeans(e: torch.Tensor, K: int, iters: int, chunk: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """k-means++ seeding then Lloyd iterations. Returns (centroids (K, D), cluster sizes (K,))."""
-    N = len(e)
     C = _kmeanspp_seed(e, K, gen)
     for _ in range(iters):
         idx = nearest_code(e, C, chunk)
@@ -478,139 +593,40 @@ def _kmeanspp_seed(e: torch.Tensor, K: int, gen: torch.Generator) -> torch.Tenso
     return torch.stack(C)
 
 
-def rotate_to(e: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
-    """Rotation trick (Fifty et al. 2024): returns z_q in the forward pass, while the gradient reaching e is
-    the incoming gradient rotated and scaled by the map taking e to z_q, held fixed (stop-gradient).
+# -- VQ-EMA ------------------------------------------------------------------------------------------------------
 
-    R = I - 2 r r^T + 2 q_hat e_hat^T with r = (e_hat + q_hat)/||e_hat + q_hat||; lambda = ||z_q|| / ||e||.
-    Applied as vector operations, so no (D, D) matrix is formed.
-    """
-    tiny = torch.finfo(e.dtype).tiny ** 0.5
-    e_norm = e.norm(dim=1, keepdim=True).clamp_min(tiny)
-    q_norm = z_q.norm(dim=1, keepdim=True).clamp_min(tiny)
-    e_hat, q_hat = (e / e_norm).detach(), (z_q / q_norm).detach()
-    r = e_hat + q_hat
-    r = r / r.norm(dim=1, keepdim=True).clamp_min(tiny)
-    rotated = e - 2 * (e * r).sum(1, keepdim=True) * r + 2 * (e * e_hat).sum(1, keepdim=True) * q_hat
-    return (q_norm / e_norm).detach() * rotated
-
-
-def straight_through(e: torch.Tensor, z_q: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Decoder input whose value is z_q and whose gradient reaches the encoder output e."""
-    if estimator == "rotation":
-        return rotate_to(e, z_q)
-    return e + (z_q - e).detach()  # straight-through estimator
-
-
-class _CodebookQuantizer(nn.Module):
-    """Shared machinery: codebook storage, k-means init, EMA statistics, dead-code restarts, reshaping.
-
-    Invariant kept by every update: codebook == ema_sum / smoothed(ema_count) for EMA-updated codebooks.
-    """
-
-    def __init__(self, cfg: Config, dim: int, learnable: bool):
-        super().__init__()
-        self.cfg, self.K, self.dim = cfg, cfg.codebook_size, dim
-        init = torch.empty(self.K, dim).uniform_(-1.0 / self.K, 1.0 / self.K)
-        if learnable:
-            self.codebook = nn.Parameter(init)
-        else:
-            self.register_buffer("codebook", init)
-        self.register_buffer("ema_count", torch.zeros(self.K))
-        self.register_buffer("ema_sum", init.clone() * 0)
-        self.register_buffer("initialized", torch.tensor(not cfg.kmeans_init))
-        self._initialized = None  # host copy of the flag, so a training step needs no device sync to read it
-        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_initialized", None))
-
-    def needs_init(self) -> bool:
-        if self._initialized is None:
-            self._initialized = bool(self.initialized)
-        return self.training and not self._initialized
-
-    # -- statistics ---------------------------------------------------------------------------------------------
-    def _smoothed(self, count: torch.Tensor) -> torch.Tensor:
-        n = count.sum()
-        return (count + self.cfg.epsilon) / (n + self.K * self.cfg.epsilon) * n
-
-    @torch.no_grad()
-    def _resync_sums(self):
-        self.ema_sum.copy_(self.codebook * self._smoothed(self.ema_count)[:, None])
-
-    @torch.no_grad()
-    def _ema_update(self, counts: torch.Tensor, sums: Optional[torch.Tensor], update_codebook: bool):
-        """EMA of cluster sizes and sums (summed over ranks first); codes <- sums / Laplace-smoothed sizes."""
-        d = self.cfg.decay
-        self.ema_count.mul_(d).add_(dist_sum_(counts), alpha=1 - d)
-        if update_codebook:
-            self.ema_sum.mul_(d).add_(dist_sum_(sums), alpha=1 - d)
-            self.codebook.copy_(self.ema_sum / self._smoothed(self.ema_count)[:, None])
-
-    @torch.no_grad()
-    def _kmeans_init(self, e: torch.Tensor):
-        """Codes from k-means on this (training) batch, gathered from all ranks; EMA buffers made consistent."""
-        e = _gather_rows(e)
-        gen = torch.Generator().manual_seed(int(torch.randint(2 ** 31 - 1, (1,)).item()))
-        C, counts = kmeans(e, self.K, self.cfg.kmeans_iters, self.cfg.chunk_size, gen)
-        C, counts = _broadcast(C), _broadcast(counts)
-        self.codebook.data.copy_(C)
-        self.ema_count.copy_(counts)  # counts of the gathered batch: the same scale as rank-summed EMA counts
-        self._resync_sums()
-        self.initialized.fill_(True)
-        self._initialized = True
-
-    @torch.no_grad()
-    def _restart_dead(self, e: torch.Tensor) -> torch.Tensor:
-        """Re-seed codes whose EMA cluster size fell below the threshold from random encoder vectors."""
-        dead = self.ema_count < self.cfg.dead_code_threshold
-        n_dead = dead.sum()
-        if n_dead.item() == 0:
-            return n_dead
-        self.codebook.data[dead] = _random_rows(e, int(n_dead))
-        self.ema_count[dead] = self.cfg.dead_code_threshold  # at the threshold: alive until it decays unused
-        self._resync_sums()
-        return n_dead
-
-    # -- shapes -------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _flatten(z: torch.Tensor) -> torch.Tensor:
-        return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float()  # (B, D, H, W) -> (N, D), float32
-
-    @staticmethod
-    def _unflatten(v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        B, D, H, W = z.shape
-        return v.reshape(B, H, W, D).permute(0, 3, 1, 2)
-
-    def _batch_metrics(self, idx: torch.Tensor, z: torch.Tensor) -> dict:
-        counts = torch.bincount(idx, minlength=self.K)
-        return {"code_indices": idx.reshape(z.shape[0], z.shape[2], z.shape[3]),
-                **{k: v for k, v in codebook_stats(counts).items() if k != "dead_codes"}}
-
-
-class VQEMAQuantizer(_CodebookQuantizer):
+@register_quantizer("vq_ema")
+class VQEMAQuantizer(CodebookQuantizer):
     """Hard nearest-code quantizer with an EMA codebook (van den Oord et al. 2017, appendix A.1).
 
     Gradient to the encoder by the straight-through estimator (or the rotation trick when estimator='rotation');
     loss = commitment_weight * ||e - sg(z_q)||^2.
     """
 
-    def __init__(self, cfg: Config, dim: int):
-        super().__init__(cfg, dim, learnable=False)
+    @dataclass
+    class Params(CodebookQuantizer.Params):
+        commitment_weight: float
+        estimator: str
+
+    def __init__(self, params: "VQEMAQuantizer.Params", dim: int):
+        super().__init__(params, dim, learnable=False)
 
     def forward(self, z: torch.Tensor):
+        hp = self.hp
         with _no_autocast(z.device.type):
             e = self._flatten(z)  # (N, D)
             if self.needs_init():
                 self._kmeans_init(e.detach())
             with torch.no_grad():
-                idx = nearest_code(e, self.codebook, self.cfg.chunk_size)  # (N,)
+                idx = nearest_code(e, self.codebook, hp.chunk_size)  # (N,)
                 z_q = self.codebook[idx]  # (N, D), looked up before this step's EMA update
-            losses = {"commitment_loss": self.cfg.commitment_weight * F.mse_loss(e, z_q)}
+            losses = {"commitment_loss": hp.commitment_weight * F.mse_loss(e, z_q)}
             metrics = self._batch_metrics(idx, z)
             if self.training:
                 self._update(e.detach(), idx)
-                if self.cfg.dead_code_threshold > 0:
+                if hp.dead_code_threshold > 0:
                     metrics["restarts"] = self._restart_dead(e.detach())
-            out = straight_through(e, z_q, self.cfg.estimator)
+            out = straight_through(e, z_q, hp.estimator)
         return self._unflatten(out, z).to(z.dtype), losses, metrics
 
     @torch.no_grad()
@@ -620,156 +636,7 @@ class VQEMAQuantizer(_CodebookQuantizer):
         self._ema_update(counts, sums, update_codebook=True)
 
 
-class _BAAssign(torch.autograd.Function):
-    """Blahut-Arimoto soft assignment over N vectors, chunked so at most (chunk, K) is held at a time.
-
-    Iteration t:  logits = log Q_{t-1} - beta ||e - c||^2,  p_t = softmax(logits),
-                  log Q_t = log sum_n p_t - log N  (the M-step, accumulated chunk by chunk in log space).
-    Outputs z = p_T C (N, D), log Q_T (K,), hard codes argmax p_T, and (optionally) soft counts N Q_T and
-    sums p_T^T e for an EMA codebook. Backward recomputes each chunk (or reuses it when all chunks fit
-    `cache_limit` elements) and propagates through every iteration, including through log Q_{t-1}, as autograd
-    would through the direct formula (`ba_assign_direct`).
-
-    Data-parallel ranks (torch.distributed): Q is the marginal over the rows of ALL ranks (N = the global count).
-    Each rank's loss sees that one Q, and DDP averages parameter gradients over ranks, so backward returns
-    world x (this rank's share of the gradient of the global batch's loss): the adjoint of log Q and the column
-    sums that carry it to log Q_{t-1} are summed over ranks. DDP's mean then equals one process on the global batch.
-    """
-
-    @staticmethod
-    def forward(ctx, e, C, log_Q0, beta, iters, chunk, want_sums, cache_limit):
-        N, K = len(e), len(C)
-        chunk = chunk_rows(chunk, K, e.device)
-        c_sq = (C * C).sum(1)
-        cache = any(ctx.needs_input_grad[:2]) and N * K * iters <= cache_limit
-        log_Qs, saved = [log_Q0], [[] for _ in range(iters)]
-        z = e.new_empty(len(e), C.shape[1])
-        idx = torch.empty(N, dtype=torch.long, device=e.device)
-        sums = torch.zeros_like(C) if want_sums else None
-        world = _world()
-        # log of the number of rows on all ranks (a rank's slice of a ragged validation batch may be empty)
-        log_N = math.log(N) if world == 1 else dist_sum_(torch.tensor(float(N), device=e.device)).log()
-        e1 = _with_ones(e)
-        for t in range(iters):
-            last = t == iters - 1
-            lse = torch.full((K,), -math.inf, device=e.device)
-            W = _ba_logit_weights(C, c_sq, log_Qs[-1], beta)
-            for s in range(0, N, chunk):
-                logits = e1[s:s + chunk] @ W.t()  # (chunk, K)
-                p = torch.softmax(logits, dim=1)  # (chunk, K)
-                lse = torch.logaddexp(lse, _log_colsum(p, logits))
-                if cache:
-                    saved[t].append(p)
-                if last:
-                    torch.mm(p, C, out=z[s:s + chunk])
-                    idx[s:s + chunk] = row_argmax(logits)[1]
-                    if want_sums:
-                        sums.addmm_(p.t(), e[s:s + chunk])
-            log_Qs.append(_dist_logsumexp(lse) - log_N)
-        ctx.save_for_backward(e, C, z, *log_Qs)
-        ctx.saved_p = saved if cache else None
-        ctx.cfg = (beta, iters, chunk, world, log_N)
-        ctx.mark_non_differentiable(idx)
-        counts = log_Qs[-1].exp() * N  # this rank's share N Q of the soft counts: summed over ranks, N_global Q
-        return z, log_Qs[-1], idx, counts, sums
-
-    @staticmethod
-    def backward(ctx, g_z, g_logQ, _g_idx, _g_counts, _g_sums):
-        e, C, z, *log_Qs = ctx.saved_tensors
-        beta, iters, chunk, world, log_N = ctx.cfg
-        N = len(e)
-        c_sq = (C * C).sum(1)
-        g_e = torch.zeros_like(e)
-        g_C = torch.zeros_like(C) if ctx.needs_input_grad[1] else None
-        rank_sum = dist_sum_ if world > 1 else (lambda t: t)
-        # every rank's loss depends on the one global log Q: summed, its adjoint counts each rank's loss once
-        g_lq = rank_sum(g_logQ.clone() if g_logQ is not None else torch.zeros_like(log_Qs[-1]))
-        e1 = _with_ones(e)
-        for t in reversed(range(iters)):
-            with_z = t == iters - 1 and g_z is not None  # z = p_T C carries gradient to the last iteration
-            need_colsum = t > 0 or g_C is not None
-            # log Q_t,k = log sum_n p_nk - log N, so dL/dp_nk gains g_lq_k / (N Q_t,k): a per-column weight
-            w = g_lq * torch.exp(-log_Qs[t + 1] - log_N)
-            safe = bool(torch.isfinite(w).all())  # Q_k below ~1e-38: take the log-space route for that backward
-            W = _ba_logit_weights(C, c_sq, log_Qs[t], beta)
-            # [g_z, -r, 1] @ B^T = G - r + w (below)
-            B = torch.cat(([C] if with_z else []) + [torch.ones_like(w)[:, None], w[:, None]], 1)
-            g_lq_prev = torch.zeros_like(g_lq)
-            for j, s in enumerate(range(0, N, chunk)):
-                rows = slice(s, s + chunk)
-                p = (ctx.saved_p[t][j] if ctx.saved_p is not None
-                     else torch.softmax(e1[rows] @ W.t(), dim=1))
-                if safe:
-                    # dL/dlogits = p (G + w - r), G = g_z C^T (dL/dp via z), r_n = sum_k p_nk (G_nk + w_k)
-                    # = g_z_n . z_n + p_n . w (rows sum to zero). One GEMM forms G + w - r, with w and -r as
-                    # extra columns, and one pass multiplies by p: two passes over (chunk, K) instead of five.
-                    r = p @ w
-                    if with_z:
-                        r += (g_z[rows] * z[rows]).sum(1)
-                    A = torch.cat(([g_z[rows]] if with_z else []) + [-r[:, None], torch.ones_like(r)[:, None]], 1)
-                    g_logits = (A @ B.t()).mul_(p)
-                else:
-                    G = (g_z[rows] @ C.t()) if with_z else torch.zeros_like(p)  # dL/dp via z
-                    log_p = torch.log_softmax(e1[rows] @ W.t(), dim=1)
-                    a = p * G + g_lq * (log_p - log_Qs[t + 1] - log_N).exp()  # before the normalisation
-                    g_logits = torch.addcmul(a, p, a.sum(1, keepdim=True), value=-1.0)  # rows sum to zero
-                # logits = log Q + 2 beta e.c - beta ||c||^2 (+ a per-row constant whose gradient is zero)
-                g_e[rows].addmm_(g_logits, C, alpha=2.0 * beta)
-                if need_colsum:
-                    col = g_logits.sum(0)
-                    g_lq_prev += col
-                if g_C is not None:
-                    if with_z:
-                        g_C.addmm_(p.t(), g_z[rows])
-                    g_C.addmm_(g_logits.t(), e[rows], alpha=2.0 * beta)
-                    g_C.sub_((2.0 * beta) * col[:, None] * C)
-            # log Q_{t-1} is global too: its adjoint sums the column sums of every rank's rows
-            g_lq = rank_sum(g_lq_prev) if t > 0 else g_lq_prev
-        return g_e, g_C, None, None, None, None, None, None
-
-
-def _ba_logit_weights(C, c_sq, log_Q, beta):
-    """W (K, D+1) with [e, 1] W^T = 2 beta e.c_k - beta ||c_k||^2 + log Q_k = log Q_k - beta ||e - c_k||^2 up to the
-    per-row constant -beta ||e||^2, which the softmax removes. The bias rides in the GEMM as an extra column:
-    addmm's broadcast copy of it into the (chunk, K) output costs as much as the GEMM itself at D = 64."""
-    return torch.cat([(2.0 * beta) * C, (log_Q - beta * c_sq)[:, None]], 1)
-
-
-def _dist_logsumexp(lse: torch.Tensor) -> torch.Tensor:
-    """log sum over ranks of exp(lse), per column, shifted by the column max so nothing underflows."""
-    if _world() == 1:
-        return lse
-    m = lse.clone()
-    dist.all_reduce(m, op=dist.ReduceOp.MAX)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    return dist_sum_((lse - m).exp()).log() + m
-
-
-def _log_colsum(p, logits):
-    """log sum_n p_nk. Sums in linear space, and in log space (logsumexp) only for columns that underflow, so
-    log Q stays finite even at beta = 1e4. A column counts as underflowing when all its terms may be subnormal
-    (sum < rows x smallest normal), where float32 keeps too few digits (a sum stored as 2.8e-45 was 13% off)."""
-    col = p.sum(0)
-    out = col.log()
-    under = col < torch.finfo(col.dtype).tiny * len(p)
-    if under.any():
-        cols = under.nonzero().squeeze(1)
-        # log p = logits - (row logsumexp), and the row logsumexp is max logits - log max p, as the largest p is
-        # exp(max - logsumexp): two fast reductions instead of another exp pass over the chunk
-        lse_row = logits.amax(1, keepdim=True) - p.amax(1, keepdim=True).log()
-        log_p = logits.index_select(1, cols) - lse_row  # (chunk, n_under)
-        m = log_p.amax(0)
-        # a column's logsumexp. Terms more than 87 below the column max add < 1e-38 to a sum >= 1, so clamping
-        # them there changes nothing and keeps exp off its slow underflow path (about 10x slower on CPU)
-        out[cols] = log_p.sub_(m).clamp_(min=-87.0).exp_().sum(0).log_().add_(m)
-    return out
-
-
-def ba_assign(e, C, log_Q0, beta: float, iters: int, chunk: int, want_sums: bool = False,
-              cache_limit: int = 1 << 26):
-    """Chunked BA soft assignment: returns (z_soft (N,D), log_Q (K,), idx (N,), counts (K,), sums (K,D)|None)."""
-    return _BAAssign.apply(e, C, log_Q0, float(beta), int(iters), int(chunk), want_sums, cache_limit)
-
+# -- Blahut-Arimoto ----------------------------------------------------------------------------------------------
 
 def ba_assign_direct(e, C, log_Q0, beta: float, iters: int):
     """The same computation written plainly with an (N, K) distance matrix; autograd does the backward.
@@ -788,22 +655,190 @@ def entropy_from_log(log_Q: torch.Tensor) -> torch.Tensor:
     return -(log_Q.exp() * log_Q).sum()
 
 
-class BAQuantizer(_CodebookQuantizer):
+def ba_assign(e, C, log_Q0, beta: float, iters: int, chunk: int, want_sums: bool = False,
+              cache_limit: int = 1 << 26):
+    """Chunked BA soft assignment: returns (z_soft (N,D), log_Q (K,), idx (N,), counts (K,), sums (K,D)|None)."""
+    return _BAAssign.apply(e, C, log_Q0, float(beta), int(iters), int(chunk), want_sums, cache_limit)
+
+
+class _BAAssign(torch.autograd.Function):
+    """`ba_assign_direct`, chunked so at most (chunk, K) is held at a time, with a hand-written backward.
+
+    Iteration t:  logits = log Q_{t-1} - beta ||e - c||^2,  p_t = softmax(logits),
+                  log Q_t = log sum_n p_t - log N  (the M-step, accumulated chunk by chunk in log space).
+    Outputs z = p_T C (N, D), log Q_T (K,), hard codes argmax p_T, and (optionally) soft counts N Q_T and
+    sums p_T^T e for an EMA codebook (statistics: no gradient). Backward recomputes each chunk (or reuses it when
+    all chunks fit `cache_limit` elements) and runs `_ba_backward_iteration` from the last iteration to the first,
+    so the gradient flows through every log Q_{t-1} as autograd's would through the direct formula.
+
+    Data-parallel ranks (torch.distributed): Q is the marginal over the rows of ALL ranks (N = the global count).
+    Each rank's loss sees that one Q, and DDP averages parameter gradients over ranks, so backward returns
+    world x (this rank's share of the gradient of the global batch's loss): the adjoint of log Q and the column
+    sums that carry it to log Q_{t-1} are summed over ranks. DDP's mean then equals one process on the global batch.
+    """
+
+    @staticmethod
+    def forward(ctx, e, C, log_Q0, beta, iters, chunk, want_sums, cache_limit):
+        N, K = len(e), len(C)
+        chunk = chunk_rows(chunk, K, e.device)
+        c_sq = (C * C).sum(1)  # (K,)
+        cache = any(ctx.needs_input_grad[:2]) and N * K * iters <= cache_limit
+        log_Qs, saved = [log_Q0], [[] for _ in range(iters)]
+        z = e.new_empty(len(e), C.shape[1])  # (N, D)
+        idx = torch.empty(N, dtype=torch.long, device=e.device)
+        sums = torch.zeros_like(C) if want_sums else None  # (K, D)
+        world = _world()
+        # log of the number of rows on all ranks (a rank's slice of a ragged validation batch may be empty)
+        log_N = math.log(N) if world == 1 else dist_sum_(torch.tensor(float(N), device=e.device)).log()
+        e1 = _with_ones(e)  # (N, D+1)
+        for t in range(iters):
+            last = t == iters - 1
+            lse = torch.full((K,), -math.inf, device=e.device)  # log sum_n p_nk over the chunks so far
+            W = _ba_logit_weights(C, c_sq, log_Qs[-1], beta)  # (K, D+1)
+            for s in range(0, N, chunk):
+                logits = e1[s:s + chunk] @ W.t()  # (chunk, K)
+                p = torch.softmax(logits, dim=1)  # (chunk, K)
+                lse = torch.logaddexp(lse, _log_colsum(p, logits))
+                if cache:
+                    saved[t].append(p)
+                if last:
+                    torch.mm(p, C, out=z[s:s + chunk])
+                    idx[s:s + chunk] = row_argmax(logits)[1]
+                    if want_sums:
+                        sums.addmm_(p.t(), e[s:s + chunk])
+            log_Qs.append(_dist_logsumexp(lse) - log_N)
+        ctx.save_for_backward(e, C, z, *log_Qs)
+        ctx.saved_p = saved if cache else None
+        ctx.cfg = (beta, iters, chunk, world, log_N)
+        counts = log_Qs[-1].exp() * N  # this rank's share N Q of the soft counts: summed over ranks, N_global Q
+        ctx.mark_non_differentiable(*(t for t in (idx, counts, sums) if t is not None))
+        return z, log_Qs[-1], idx, counts, sums
+
+    @staticmethod
+    def backward(ctx, g_z, g_logQ, _g_idx, _g_counts, _g_sums):
+        e, C, z, *log_Qs = ctx.saved_tensors
+        beta, iters, chunk, world, log_N = ctx.cfg
+        g_e = torch.zeros_like(e)
+        g_C = torch.zeros_like(C) if ctx.needs_input_grad[1] else None
+        rank_sum = dist_sum_ if world > 1 else (lambda t: t)
+        # every rank's loss depends on the one global log Q: summed, its adjoint counts each rank's loss once
+        g_lq = rank_sum(g_logQ.clone() if g_logQ is not None else torch.zeros_like(log_Qs[-1]))
+        for t in reversed(range(iters)):
+            it = _BAIteration(e, C, log_Qs[t], log_Qs[t + 1], log_N, beta, chunk,
+                              ctx.saved_p[t] if ctx.saved_p is not None else None)
+            g_z_t = g_z if t == iters - 1 else None  # z = p_T C carries gradient to the last iteration only
+            g_lq = it.backward(g_z_t, z, g_lq, g_e, g_C, want_prev=t > 0)
+            if t > 0:  # log Q_{t-1} is global too: its adjoint sums the column sums of every rank's rows
+                g_lq = rank_sum(g_lq)
+        return g_e, g_C, None, None, None, None, None, None
+
+
+@dataclass
+class _BAIteration:
+    """One E-M iteration t of `_BAAssign`, for its backward pass.
+
+    Forward (per row n, code k):
+        l_nk = log Q_{t-1,k} + 2 beta e_n.c_k - beta ||c_k||^2      (- beta ||e_n||^2, removed by the softmax)
+        p_nk = softmax_k(l_n)_k,         log Q_t,k = log sum_n p_nk - log N,        z_n = sum_k p_nk c_k  (t = T)
+    Backward, given the adjoints g_z (N, D) of z (last iteration only) and g_q (K,) of log Q_t:
+        dL/dp_nk        = G_nk + w_k,           G = g_z C^T,   w_k = g_q,k / (N Q_t,k)
+        dL/dl_nk        = p_nk (G_nk + w_k - r_n),   r_n = sum_k p_nk (G_nk + w_k) = g_z_n.z_n + p_n.w
+                                                     (softmax Jacobian: each row of dL/dl sums to zero)
+        dL/de_n         = 2 beta sum_k dL/dl_nk c_k  (the -beta ||e_n||^2 term adds (row sum) e_n = 0)
+        dL/dc_k         = sum_n p_nk g_z_n  +  2 beta sum_n dL/dl_nk e_n  -  2 beta c_k sum_n dL/dl_nk
+        dL/dlog Q_{t-1} = sum_n dL/dl_nk             (log Q_{t-1,k} enters every row's logit for k)
+    When some Q_t,k underflows (w_k = inf), p_nk w_k is formed in log space instead: g_q,k exp(log p_nk - log Q_t,k
+    - log N).
+    """
+    e: torch.Tensor  # (N, D)
+    C: torch.Tensor  # (K, D)
+    log_Q_prev: torch.Tensor  # (K,) log Q_{t-1}, the prior this iteration's E-step used
+    log_Q: torch.Tensor  # (K,) log Q_t, its M-step's result
+    log_N: float | torch.Tensor
+    beta: float
+    chunk: int
+    saved_p: Optional[list[torch.Tensor]]  # this iteration's p, chunk by chunk, when forward kept them
+
+    def backward(self, g_z, z, g_q, g_e, g_C, want_prev: bool) -> torch.Tensor:
+        """Adds this iteration's share to g_e (N, D) and g_C (K, D) in place; returns dL/dlog Q_{t-1} (K,)."""
+        e, C, beta = self.e, self.C, self.beta
+        W = _ba_logit_weights(C, (C * C).sum(1), self.log_Q_prev, beta)  # (K, D+1)
+        e1 = _with_ones(e)  # (N, D+1)
+        w = g_q * torch.exp(-self.log_Q - self.log_N)  # (K,)
+        safe = bool(torch.isfinite(w).all())  # Q_k below ~1e-38: take the log-space route for this iteration
+        # [g_z, -r, 1] @ [C, 1, w]^T = G - r + w: one GEMM forms dL/dp - r, with w and -r as extra columns
+        B = torch.cat(([C] if g_z is not None else []) + [torch.ones_like(w)[:, None], w[:, None]], 1)
+        g_q_prev = torch.zeros_like(g_q)
+        for j, s in enumerate(range(0, len(e), self.chunk)):
+            rows = slice(s, s + self.chunk)
+            p = self.saved_p[j] if self.saved_p is not None else torch.softmax(e1[rows] @ W.t(), dim=1)  # (chunk, K)
+            if safe:
+                r = p @ w  # (chunk,)
+                if g_z is not None:
+                    r += (g_z[rows] * z[rows]).sum(1)
+                A = torch.cat(([g_z[rows]] if g_z is not None else []) + [-r[:, None], torch.ones_like(r)[:, None]], 1)
+                g_l = (A @ B.t()).mul_(p)  # (chunk, K) dL/dl
+            else:
+                G = (g_z[rows] @ C.t()) if g_z is not None else torch.zeros_like(p)  # (chunk, K)
+                log_p = torch.log_softmax(e1[rows] @ W.t(), dim=1)
+                a = p * G + g_q * (log_p - self.log_Q - self.log_N).exp()  # p (G + w), before the normalisation
+                g_l = torch.addcmul(a, p, a.sum(1, keepdim=True), value=-1.0)
+            g_e[rows].addmm_(g_l, C, alpha=2.0 * beta)
+            col = g_l.sum(0) if want_prev or g_C is not None else None  # (K,) sum_n dL/dl_nk
+            if want_prev:
+                g_q_prev += col
+            if g_C is not None:
+                if g_z is not None:
+                    g_C.addmm_(p.t(), g_z[rows])
+                g_C.addmm_(g_l.t(), e[rows], alpha=2.0 * beta)
+                g_C.sub_((2.0 * beta) * col[:, None] * C)
+        return g_q_prev
+
+
+def _ba_logit_weights(C, c_sq, log_Q, beta):
+    """W (K, D+1) with [e, 1] W^T = 2 beta e.c_k - beta ||c_k||^2 + log Q_k = log Q_k - beta ||e - c_k||^2 up to the
+    per-row constant -beta ||e||^2, which the softmax removes. The bias rides in the GEMM as an extra column:
+    addmm's broadcast copy of it into the (chunk, K) output costs as much as the GEMM itself at D = 64."""
+    return torch.cat([(2.0 * beta) * C, (log_Q - beta * c_sq)[:, None]], 1)
+
+
+@register_quantizer("ba_vq")
+class BAQuantizer(CodebookQuantizer):
     """Blahut-Arimoto soft quantizer (rate-distortion view of VQ; Blahut 1972, Arimoto 1972).
 
     E-step p(k|e) ∝ Q(k) exp(-beta ||e - c_k||^2), M-step Q(k) = mean_n p(k|e_n), `ba_iters` times per forward,
     Q starting uniform (marginal='batch') or from a running EMA of batch marginals (marginal='running').
     Training: z_q = sum_k p(k|e) c_k, reached by the encoder's straight-through path; losses
       commitment_weight ||e - sg(z_q)||^2 + codebook_weight ||z_q - sg(e)||^2 + entropy_weight (-H(Q)).
-    Evaluation: hard codes argmax p, z_q = c_argmax. beta follows the trainer's cosine schedule (set_beta).
+    Evaluation: hard codes argmax p, z_q = c_argmax. beta follows a cosine schedule over the run (`schedule`).
     """
 
-    def __init__(self, cfg: Config, dim: int):
-        super().__init__(cfg, dim, learnable=cfg.codebook_update == "grad")
-        self.register_buffer("beta", torch.tensor(cfg.beta_start))
+    @dataclass
+    class Params(CodebookQuantizer.Params):
+        commitment_weight: float
+        codebook_weight: float
+        entropy_weight: float
+        beta_start: float
+        beta_end: float
+        ba_iters: int
+        codebook_update: str
+        marginal: str
+        estimator: str
+
+    def __init__(self, params: "BAQuantizer.Params", dim: int):
+        super().__init__(params, dim, learnable=params.codebook_update == "grad")
+        self.register_buffer("beta", torch.tensor(params.beta_start))
         self.register_buffer("log_Q_running", torch.full((self.K,), -math.log(self.K)))
         self._beta = None  # host copy of the beta buffer, so a step needs no device sync to read it
         self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_beta", None))
+
+    def schedule(self, progress: float):
+        """Cosine schedule from beta_start (progress 0) to beta_end (progress 1)."""
+        hp = self.hp
+        self.set_beta(hp.beta_start + (hp.beta_end - hp.beta_start) * (1 - math.cos(math.pi * progress)) / 2)
+
+    def report(self) -> dict[str, float]:
+        return {"beta": self.current_beta()}
 
     def set_beta(self, beta: float):
         self.beta.fill_(beta)
@@ -815,73 +850,41 @@ class BAQuantizer(_CodebookQuantizer):
         return self._beta
 
     def forward(self, z: torch.Tensor):
-        cfg = self.cfg
+        hp = self.hp
         with _no_autocast(z.device.type):
             e = self._flatten(z)  # (N, D)
             if self.needs_init():
                 self._kmeans_init(e.detach())
             # a copy: the running marginal is updated in place after this forward, backward needs what it saw
-            log_Q0 = self.log_Q_running.clone() if cfg.marginal == "running" else torch.full_like(self.log_Q_running,
-                                                                                           -math.log(self.K))
-            ema = self.training and cfg.codebook_update == "ema"
+            log_Q0 = (self.log_Q_running.clone() if hp.marginal == "running"
+                      else torch.full_like(self.log_Q_running, -math.log(self.K)))
+            ema = self.training and hp.codebook_update == "ema"
             # an EMA codebook is updated in place after this forward; backward needs the values it saw
             C = self.codebook.clone() if ema else self.codebook
-            z_soft, log_Q, idx, counts, sums = ba_assign(e, C, log_Q0, self.current_beta(), cfg.ba_iters,
-                                                         cfg.chunk_size, want_sums=ema)
+            z_soft, log_Q, idx, counts, sums = ba_assign(e, C, log_Q0, self.current_beta(), hp.ba_iters,
+                                                         hp.chunk_size, want_sums=ema)
             z_q = z_soft if self.training else self.codebook[idx]  # evaluation reports the discrete model
-            losses = {"commitment_loss": cfg.commitment_weight * F.mse_loss(e, z_q.detach()),
-                      "codebook_loss": cfg.codebook_weight * F.mse_loss(z_q, e.detach()),
-                      "entropy_loss": -cfg.entropy_weight * entropy_from_log(log_Q)}
+            losses = {"commitment_loss": hp.commitment_weight * F.mse_loss(e, z_q.detach()),
+                      "codebook_loss": hp.codebook_weight * F.mse_loss(z_q, e.detach()),
+                      "entropy_loss": -hp.entropy_weight * entropy_from_log(log_Q)}
             metrics = {**self._batch_metrics(idx, z), "beta": self.beta.clone()}
             if self.training:
-                self._update(counts.detach(), sums, log_Q.detach(), ema)
-                if cfg.dead_code_threshold > 0:
+                self._update(counts, sums, log_Q.detach(), ema)
+                if hp.dead_code_threshold > 0:
                     metrics["restarts"] = self._restart_dead(e.detach())
-            out = straight_through(e, z_q, cfg.estimator)
+            out = straight_through(e, z_q, hp.estimator)
         return self._unflatten(out, z).to(z.dtype), losses, metrics
 
     @torch.no_grad()
     def _update(self, counts, sums, log_Q, ema: bool):
         self._ema_update(counts, sums, update_codebook=ema)
-        if self.cfg.marginal == "running":  # Q_run <- decay Q_run + (1 - decay) Q_batch, in log space
-            d = self.cfg.decay
+        if self.hp.marginal == "running":  # Q_run <- decay Q_run + (1 - decay) Q_batch, in log space
+            d = self.hp.decay
             self.log_Q_running.copy_(torch.logaddexp(self.log_Q_running + math.log(d), log_Q + math.log(1 - d)))
 
 
-QUANTIZERS = {"vq_ema": VQEMAQuantizer, "ba_vq": BAQuantizer}
-
-
-def _gather_rows(e: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows, in rank order: the global batch (training shards are equal in size)."""
-    if _world() == 1:
-        return e
-    parts = [torch.empty_like(e) for _ in range(_world())]
-    dist.all_gather(parts, e.contiguous())
-    return torch.cat(parts)
-
-
-def _random_rows(e: torch.Tensor, n: int) -> torch.Tensor:
-    """n rows drawn uniformly (with replacement) from the global batch, the same rows on every rank and the same
-    draw one process holding the whole batch would make. Only the n picked rows cross ranks, not the batch."""
-    if _world() == 1:
-        return e[torch.randint(len(e), (n,), device=e.device)]
-    rows = torch.randint(len(e) * _world(), (n,), device=e.device)  # same RNG state on every rank
-    mine = rows // len(e) == dist.get_rank()
-    out = torch.zeros(n, e.shape[1], dtype=e.dtype, device=e.device)
-    out[mine] = e[rows[mine] % len(e)]
-    return dist_sum_(out)
-
-
-def _broadcast(t: torch.Tensor) -> torch.Tensor:
-    """Rank 0's value everywhere, so random decisions (k-means) agree across ranks."""
-    if _world() > 1:
-        t = t.contiguous()
-        dist.broadcast(t, 0)
-    return t
-
-
 # ################################################################################################################
-# VQVAE
+# Model
 # ################################################################################################################
 
 class VQVAE(nn.Module):
@@ -897,7 +900,7 @@ class VQVAE(nn.Module):
         cfg = make_config({**config_to_dict(cfg or Config()), **overrides})
         self.cfg, self.quantizer_type = cfg, cfg.quantizer
         self.encoder = make_encoder(cfg.arch, cfg.code_dim)
-        self.quantizer = QUANTIZERS[cfg.quantizer](cfg, cfg.code_dim)
+        self.quantizer = make_quantizer(cfg, cfg.code_dim)
         self.decoder = make_decoder(cfg.arch, cfg.code_dim)
 
     def forward(self, x: torch.Tensor):
@@ -926,7 +929,8 @@ def psnr_from_mse(mse: float, data_range: float = 2.0) -> float:
 
 
 def psnr(x: torch.Tensor, x_hat: torch.Tensor, data_range: float = 2.0) -> float:
-    return psnr_from_mse(F.mse_loss(x_hat.float(), x.float()).item(), data_range)
+    """PSNR of x_hat clamped to the image range [-1, 1], as a deployed model's output would be displayed."""
+    return psnr_from_mse(F.mse_loss(x_hat.float().clamp(-1, 1), x.float()).item(), data_range)
 
 
 def codebook_stats(counts: torch.Tensor) -> dict:
@@ -1005,10 +1009,18 @@ def autocast_dtype(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def beta_at(step: int, total_steps: int, cfg: Config) -> float:
-    """Cosine schedule from beta_start (first step) to beta_end (last step)."""
-    progress = step / max(total_steps - 1, 1)
-    return cfg.beta_start + (cfg.beta_end - cfg.beta_start) * (1 - math.cos(math.pi * progress)) / 2
+def auto_log_every(total_steps: int) -> int:
+    """Steps between train records when log_every is 0: about 100 records a run, at most 50 steps apart, and a
+    record every step in runs shorter than 100 steps (a 10-step smoke test still draws a curve)."""
+    return min(max(total_steps // 100, 1), 50)
+
+
+def schedule_progress(step: int, anchor: tuple[int, float], total_steps: int) -> float:
+    """Progress in [0, 1] of the quantizer's schedule at `step`: linear from anchor = (step, progress) to 1 at the
+    last step. A fresh run's anchor is (0, 0), giving step / (total_steps - 1); a run resumed with another number
+    of epochs is re-anchored where it stood, so its schedule stays continuous and monotone."""
+    s0, p0 = anchor
+    return min(p0 + (1.0 - p0) * (step - s0) / max(total_steps - 1 - s0, 1), 1.0)
 
 
 def set_seed(seed: int):
@@ -1022,7 +1034,11 @@ class NonFiniteError(RuntimeError):
 
 
 class Trainer:
-    """Owns the model, optimizer, data, schedule and run folder of one run; `train(cfg)` drives it."""
+    """One run: model, optimizer, data, schedule, run folder and its files. `train(cfg)` drives it.
+
+    Step records go to train/<name>, epoch means to train_epoch/<name>, validation to val/<name>: every loss term
+    and metric the quantizer returns is logged under its own name, whatever the quantizer.
+    """
 
     def __init__(self, cfg: Config, run_dir: Path, device: torch.device, rank: int = 0, world: int = 1):
         self.cfg, self.run_dir, self.device, self.rank, self.world = cfg, run_dir, device, rank, world
@@ -1041,9 +1057,14 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.total_steps = cfg.epochs * len(self.train_batches)
+        self.log_every = cfg.log_every or auto_log_every(self.total_steps)
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0
+        # the schedule's progress runs linearly from (step, progress) = anchor to (total_steps - 1, 1); a resume
+        # with another number of epochs moves the anchor to where the run stood, so it stays continuous
+        self.schedule_anchor = (0, 0.0)
         self.epoch_sums: dict[str, torch.Tensor] = {}
         self.pending: list[tuple[int, torch.Tensor]] = []  # (step, stacked loss terms) not yet checked for NaN
+        self.term_names: list[str] = []  # names of the stacked loss terms
         self.val_metrics: Optional[dict] = None  # of the last finished epoch; the final metrics once training ends
 
     def _wrap(self, model: VQVAE) -> nn.Module:
@@ -1051,22 +1072,17 @@ class Trainer:
             compile_nets(model, self.device)
         if self.world == 1:
             return model
-        ddp = nn.parallel.DistributedDataParallel
-        # CPU conv backward gives 1x1 weights' grads other (equivalent) strides than DDP's buckets: one copy, no harm
-        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-        # buffers are not synced each forward: every rank derives the same codebook from statistics summed over ranks
-        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters \
-            else "broadcast_buffers"  # the older name
-        return ddp(model, device_ids=[self.device] if self.device.type == "cuda" else None, **{no_sync: False},
-                   gradient_as_bucket_view=True)
+        return _ddp_wrap(model, self.device)
+
+    def progress(self, step: int) -> float:
+        return schedule_progress(step, self.schedule_anchor, self.total_steps)
 
     # -- one step -----------------------------------------------------------------------------------------------
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     def train_step(self, x: torch.Tensor) -> dict:
-        if hasattr(self.model.quantizer, "set_beta"):
-            self.model.quantizer.set_beta(beta_at(self.step, self.total_steps, self.cfg))
+        self.model.quantizer.schedule(self.progress(self.step))
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with self.autocast():
@@ -1082,7 +1098,7 @@ class Trainer:
                  **{k: v.detach() for k, v in quant_losses.items()}, "grad_norm": grad_norm.detach()}
         # numbered like metrics.jsonl: step N is the N-th optimizer step
         self.pending.append((self.step + 1, torch.stack(list(terms.values()))))
-        self._pending_names = list(terms)
+        self.term_names = list(terms)
         return {**terms, **{k: v for k, v in metrics.items() if k != "code_indices"}}
 
     def check_finite(self):
@@ -1092,11 +1108,11 @@ class Trainer:
         stacked = torch.stack([t for _, t in self.pending])
         bad = ~torch.isfinite(stacked)
         if self.scaler.is_enabled():  # fp16: inf gradients are the scaler's business (it skips the step)
-            bad[:, self._pending_names.index("grad_norm")] = False
+            bad[:, self.term_names.index("grad_norm")] = False
         if bad.any():
             row = int(bad.any(1).nonzero()[0])
             # name the term that broke rather than the total "loss" it propagates into
-            names = [n for n, b in zip(self._pending_names, bad[row].tolist()) if b]
+            names = [n for n, b in zip(self.term_names, bad[row].tolist()) if b]
             term = next((n for n in names if n != "loss"), names[0])
             raise NonFiniteError(f"non-finite {term} at step {self.pending[row][0]} (epoch {self.epoch + 1}); "
                                  f"stopping, last good checkpoint kept")
@@ -1113,21 +1129,44 @@ class Trainer:
             self.step += 1
             self.step_in_epoch += 1
             progress.update(1)
-            if self.step % self.cfg.log_every == 0:
+            if self.step % self.log_every == 0:
                 self.check_finite()
-                record = {f"train/{k}": v.item() for k, v in self._rank_mean(out, self._pending_names).items()}
+                record = {f"train/{k}": v.item() for k, v in self._rank_mean(out, self.term_names).items()}
                 logger.log({"step": self.step, "epoch": self.epoch + 1, **record})
                 progress.set_postfix(loss=f"{record['train/loss']:.4f}", ppl=f"{record['train/perplexity']:.1f}")
             if self.stop_agreed(stop):
                 return False
         return True
 
+    def end_epoch(self, logger: "Logger", t0: float) -> dict:
+        """Validate, log the epoch record, print its line, write the checkpoints. Returns the validation metrics."""
+        train_means = self.epoch_means()
+        val = validate(self.model, self.val_batches, self.autocast())
+        bad = [k for k, v in val.items() if not math.isfinite(v)]
+        if bad:
+            raise NonFiniteError(f"non-finite val/{bad[0]} after epoch {self.epoch + 1} (step {self.step}); "
+                                 f"stopping, last good checkpoint kept")
+        seconds = time.time() - t0  # training and validation of this epoch
+        self.epoch += 1
+        self.val_metrics = val
+        self.step_in_epoch, self.epoch_sums = 0, {}
+        logger.log({"step": self.step, "epoch": self.epoch, "epoch_time": seconds,
+                    **{f"train_epoch/{k}": v for k, v in train_means.items()},
+                    **{f"val/{k}": v for k, v in val.items()}})
+        if self.rank == 0:
+            print(epoch_line(self.epoch, self.cfg.epochs, train_means, val, seconds))
+            # last.pt after the periodic file: a run killed in between redoes the epoch and writes both
+            if self.epoch % self.cfg.checkpoint_every == 0:
+                self.save(f"checkpoint_epoch{self.epoch}.pt")
+            self.save("last.pt")
+        return val
+
     def stop_agreed(self, stop: "StopFlag", anytime: bool = False) -> bool:
         """Whether to stop on a signal. With several ranks they decide together (a rank that left alone would
         leave the others waiting in a collective), within a step at log steps only, to spare a sync per step."""
         if self.world == 1:
             return stop.requested
-        if not anytime and self.step % self.cfg.log_every:
+        if not anytime and self.step % self.log_every:
             return False
         return bool(dist_sum_(torch.tensor(float(stop.requested), device=self.device)) > 0)
 
@@ -1144,21 +1183,79 @@ class Trainer:
         sums = self._rank_mean(self.epoch_sums, list(self.epoch_sums))
         return {k: (v / n).item() for k, v in sums.items()}
 
+    # -- state --------------------------------------------------------------------------------------------------
+    def state(self, resumable: bool = True) -> dict:
+        """One self-describing dict: config, model and metrics; with `resumable`, also everything needed to
+        continue bit-exactly (optimizer, step counters, schedule, RNG states)."""
+        state = {"format": CHECKPOINT_FORMAT, "config": config_to_dict(self.cfg), "model": self.model.state_dict(),
+                 "step": self.step, "epoch": self.epoch, "val_metrics": self.val_metrics}
+        if resumable:
+            state.update({
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "step_in_epoch": self.step_in_epoch, "epoch_sums": self.epoch_sums,
+                "schedule": {"anchor": self.schedule_anchor, "total_steps": self.total_steps},
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}})
+        return state
+
+    def save(self, filename: str, resumable: bool = True) -> Path:
+        state = self.state(resumable)
+        return atomic_write(self.run_dir / filename, lambda fh: torch.save(state, fh))
+
+    def restore(self, state: dict):
+        """Continue from a resumable state (last.pt): the inverse of state()."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        self.epoch_sums = {k: v.to(self.device) for k, v in state["epoch_sums"].items()}
+        self.val_metrics = state.get("val_metrics")
+        schedule = state.get("schedule", {"anchor": (0, 0.0), "total_steps": self.total_steps})
+        self.schedule_anchor = tuple(schedule["anchor"])
+        if schedule["total_steps"] != self.total_steps:  # resumed with other epochs: continue from where it stood
+            self.schedule_anchor = (self.step, schedule_progress(self.step, self.schedule_anchor,
+                                                                 schedule["total_steps"]))
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def write_final(self, metrics: dict):
+        """final_model.pt (the checkpoint format minus the optimizer), reconstructions.png, final_metrics.json."""
+        self.save("final_model.pt", resumable=False)
+        save_reconstructions(self.model, self.val_batches, self.run_dir / "reconstructions.png",
+                             title=f"{self.cfg.name}: validation PSNR {metrics.get('psnr', math.nan):.2f} dB")
+        # written last: sweeps take final_metrics.json as the sign of a finished run
+        atomic_write(self.run_dir / "final_metrics.json", lambda fh: fh.write(json.dumps(metrics, indent=2).encode()))
+        print(f"Training complete. Results in {self.run_dir}")
+
+
+def epoch_line(epoch: int, epochs: int, train_means: dict, val: dict, seconds: float) -> str:
+    return (f"Epoch {epoch}/{epochs} | Train Loss: {train_means['loss']:.4f} | Val Loss: {val['loss']:.4f} | "
+            f"PSNR: {val['psnr']:.2f} | Perplexity: {val['perplexity']:.1f} | Usage: {val['usage_rate'] * 100:.1f}%"
+            + (f" | beta: {val['beta']:.3f}" if "beta" in val else "") + f" | {seconds:.1f}s")
+
 
 @torch.no_grad()
 def validate(model: VQVAE, batches: Batches, autocast=None) -> dict:
-    """Metrics over the WHOLE validation set, with the discrete (hard-code) model."""
+    """Metrics over the WHOLE validation set, with the discrete (hard-code) model in eval mode; the model's
+    train/eval mode is restored afterwards. recon_loss is the MSE of the raw output (the training objective);
+    psnr that of the output clamped to the image range [-1, 1], on the [0, 1] scale."""
+    was_training = model.training
     model.eval()
     K = model.quantizer.K
     counts = torch.zeros(K, dtype=torch.long, device=batches.images.device)
     sums: dict[str, torch.Tensor] = {}
     n_images = 0
     for x in batches.epoch(0):
-        # every rank runs every batch, even an empty slice of the ragged last one: BA reduces Q over ranks
+        # every rank runs every batch, even an empty slice of the ragged last one: quantizers may reduce over ranks
         with autocast or torch.autocast(x.device.type, enabled=False):
             x_hat, recon_loss, quant_losses, metrics = model(x)
         terms = {"recon_loss": recon_loss, **quant_losses}
         terms["loss"] = sum(terms.values())
+        terms["clamped_mse"] = F.mse_loss(x_hat.float().clamp(-1, 1), x)
         for k, v in terms.items():  # image-weighted; an empty slice's means are NaN and add nothing
             sums[k] = sums.get(k, 0) + (v.float() * len(x) if len(x) else torch.zeros((), device=x.device))
         counts += code_histogram(metrics["code_indices"], K)
@@ -1167,14 +1264,457 @@ def validate(model: VQVAE, batches: Batches, autocast=None) -> dict:
     totals = dist_sum_(torch.stack([*(sums[k] for k in names), counts.new_tensor(n_images, dtype=torch.float)]))
     dist_sum_(counts)
     result = dict(zip(names, (totals[:-1] / totals[-1]).tolist()))
-    result["psnr"] = psnr_from_mse(result["recon_loss"])
+    result["psnr"] = psnr_from_mse(result.pop("clamped_mse"))
     result.update({k: float(v) for k, v in codebook_stats(counts).items()})
     result["dead_codes"] = int(result["dead_codes"])
-    if isinstance(model.quantizer, BAQuantizer):
-        result["beta"] = model.quantizer.beta.item()
-    model.train()
+    result.update(model.quantizer.report())
+    model.train(was_training)
     return result
 
+
+def train(cfg: Config) -> dict:
+    """Train one run end to end; returns the final validation metrics (also in final_metrics.json)."""
+    if cfg.resume and not cfg.name:
+        raise UserError("--resume needs --name (the run to continue)")
+    own_group = not (dist.is_available() and dist.is_initialized())
+    rank, world = _dist_rank_world()
+    device = pick_device(cfg.device) if world == 1 else _ddp_device(cfg, rank)
+    cfg = _name_run(cfg)
+    run_dir = Path(cfg.out_dir) / cfg.name
+    # every check (run folder, checkpoint, data) passes before anything on disk is created or changed
+    ckpt = check_run_dir(cfg, run_dir)
+    trainer = Trainer(cfg, run_dir, device, rank, world)
+    if ckpt is not None:
+        trainer.restore(ckpt)
+    if rank == 0:
+        prepare_run_dir(cfg, run_dir, resume=ckpt is not None)
+    logger = Logger(cfg, run_dir, enabled=rank == 0)
+    if ckpt is not None:
+        logger.truncate_after(trainer.step)
+    _print_header(cfg, trainer, device, rank)
+    try:
+        with StopFlag() as stop:
+            metrics = _train_loop(trainer, logger, stop)
+    finally:
+        logger.finish()
+    if rank == 0:
+        with rank_local():  # rank 0 alone: its reconstruction forward must not wait for the other ranks
+            trainer.write_final(metrics)
+    if world > 1 and own_group:
+        dist.destroy_process_group()
+    return metrics
+
+
+def _train_loop(trainer: Trainer, logger: "Logger", stop: "StopFlag") -> dict:
+    from tqdm.auto import tqdm
+    cfg = trainer.cfg
+    with tqdm(total=trainer.total_steps, initial=trainer.step, desc=cfg.name,
+              disable=None if trainer.rank == 0 else True, dynamic_ncols=True, leave=False) as progress:
+        while trainer.epoch < cfg.epochs:
+            t0 = time.time()
+            finished = trainer.train_epoch(logger, stop, progress)
+            trainer.check_finite()
+            if not finished:
+                if trainer.rank == 0:
+                    trainer.save("last.pt")
+                raise Interrupted(stop.signum, trainer)
+            trainer.end_epoch(logger, t0)
+            if trainer.stop_agreed(stop, anytime=True):  # signalled during validation: last.pt was just written
+                raise Interrupted(stop.signum, trainer)
+    # a run resumed after its last epoch (killed before the final files) reports that epoch's metrics
+    return trainer.val_metrics or {}
+
+
+@torch.no_grad()
+def save_reconstructions(model: VQVAE, batches: Batches, path: Path, n: int = 8, title: str = ""):
+    """The first n validation images (top row, "input") over the model's reconstructions (bottom row)."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    was_training = model.training
+    model.eval()
+    x = next(iter(batches.epoch(0)))[:n]
+    x_hat = model(x)[0].float().clamp(-1, 1)
+    model.train(was_training)
+    fig, axes = plt.subplots(2, len(x), figsize=(1.25 * len(x) + 0.9, 3.0), squeeze=False)
+    for row, (images, label) in enumerate([(x, "input"), (x_hat, "reconstruction")]):
+        for ax, img in zip(axes[row], images):
+            ax.imshow((img * 0.5 + 0.5).permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[row][0].set_ylabel(label, fontsize=10)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _name_run(cfg: Config) -> Config:
+    if cfg.name:
+        return cfg
+    name = [f"{cfg.quantizer}_k{cfg.codebook_size}_{time.strftime('%Y%m%d-%H%M%S')}"]
+    if _world() > 1:  # the clock may tick between ranks: rank 0's name everywhere
+        dist.broadcast_object_list(name, 0)
+    return dataclasses.replace(cfg, name=name[0])
+
+
+def _print_header(cfg: Config, trainer: Trainer, device, rank: int):
+    if rank != 0:
+        return
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    procs = f" x {trainer.world} processes (torchrun; batch {cfg.batch_size} split across them)" \
+        if trainer.world > 1 else ""
+    print(f"{cfg.name}: {cfg.quantizer} K={cfg.codebook_size} D={cfg.code_dim} arch={cfg.arch} on {device}{procs} "
+          f"({trainer.amp_dtype or 'fp32'}) | {len(trainer.train_batches.images)} train / "
+          f"{len(trainer.val_batches.images)} val images | {n_params / 1e6:.2f}M params | "
+          f"{trainer.total_steps} steps, a record every {trainer.log_every}"
+          + (f" | resuming at step {trainer.step}" if trainer.step else ""))
+
+
+# ################################################################################################################
+# Distributed (every collective lives here; each is a no-op in a single process)
+# ################################################################################################################
+
+def dist_sum_(t: torch.Tensor) -> torch.Tensor:
+    """Sum a statistic over data-parallel ranks in place (no-op in a single process)."""
+    if _world() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+_rank_local_depth = 0
+
+
+@contextlib.contextmanager
+def rank_local():
+    """Quantizers reduce nothing across ranks inside this block: for a forward that only some ranks run
+    (rank 0's reconstruction image), which would otherwise wait forever on the others."""
+    global _rank_local_depth
+    _rank_local_depth += 1
+    try:
+        yield
+    finally:
+        _rank_local_depth -= 1
+
+
+def _world() -> int:
+    if _rank_local_depth or not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size()
+
+
+def _gather_rows(e: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows, in rank order: the global batch (training shards are equal in size)."""
+    if _world() == 1:
+        return e
+    parts = [torch.empty_like(e) for _ in range(_world())]
+    dist.all_gather(parts, e.contiguous())
+    return torch.cat(parts)
+
+
+def _random_rows(e: torch.Tensor, n: int) -> torch.Tensor:
+    """n rows drawn uniformly (with replacement) from the global batch, the same rows on every rank and the same
+    draw one process holding the whole batch would make. Only the n picked rows cross ranks, not the batch."""
+    if _world() == 1:
+        return e[torch.randint(len(e), (n,), device=e.device)]
+    rows = torch.randint(len(e) * _world(), (n,), device=e.device)  # same RNG state on every rank
+    mine = rows // len(e) == dist.get_rank()
+    out = torch.zeros(n, e.shape[1], dtype=e.dtype, device=e.device)
+    out[mine] = e[rows[mine] % len(e)]
+    return dist_sum_(out)
+
+
+def _broadcast(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's value everywhere, so random decisions (k-means) agree across ranks."""
+    if _world() > 1:
+        t = t.contiguous()
+        dist.broadcast(t, 0)
+    return t
+
+
+def _dist_logsumexp(lse: torch.Tensor) -> torch.Tensor:
+    """log sum over ranks of exp(lse), per column, shifted by the column max so nothing underflows."""
+    if _world() == 1:
+        return lse
+    m = lse.clone()
+    dist.all_reduce(m, op=dist.ReduceOp.MAX)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return dist_sum_((lse - m).exp()).log() + m
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process; under torchrun (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment)
+    the process group is started here: gloo for CPU tensors, and NCCL for CUDA tensors where CUDA is present."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        if not dist.is_initialized():
+            cuda = torch.cuda.is_available() and dist.is_nccl_available()
+            dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _ddp_device(cfg: Config, rank: int) -> torch.device:
+    """One device per process: cuda:LOCAL_RANK when CUDA is asked for (or auto and present), else the CPU."""
+    name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    if name != "cpu":
+        raise UserError(f"multi-process training runs on CUDA or the CPU, not on {name}")
+    return torch.device("cpu")
+
+
+def _ddp_wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    ddp = nn.parallel.DistributedDataParallel
+    # CPU conv backward gives 1x1 weights' grads other (equivalent) strides than DDP's buckets: one copy, no harm
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    # buffers are not synced each forward: every rank derives the same codebook from statistics summed over ranks
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters \
+        else "broadcast_buffers"  # the older name
+    return ddp(model, device_ids=[device] if device.type == "cuda" else None, **{no_sync: False},
+               gradient_as_bucket_view=True)
+
+
+# ################################################################################################################
+# Fast kernels (CPU-aware chunking, tiled nearest code, row argmax, scatter sums, log column sums)
+# ################################################################################################################
+
+def scatter_sum(idx: torch.Tensor, e: torch.Tensor, K: int) -> torch.Tensor:
+    """sums[k] = sum of rows e[n] with idx[n] == k, (K, D), in O(N D) with no (N, K) one-hot.
+
+    On CPU: a stable sort then a segment sum, which is deterministic (index_put_'s accumulate uses atomic adds
+    whose order varies run to run, and index_add_ is serial and several times slower). Elsewhere: index_add_.
+    """
+    if e.device.type != "cpu":
+        return torch.zeros(K, e.shape[1], dtype=e.dtype, device=e.device).index_add_(0, idx, e)
+    order = idx.argsort(stable=True)
+    return torch.segment_reduce(e[order], "sum", lengths=torch.bincount(idx, minlength=K), axis=0)
+
+
+CPU_CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 per (rows, K) block
+
+
+def chunk_rows(chunk: int, K: int, device: torch.device) -> int:
+    """Rows per (rows, K) block: `chunk`, capped on CPU at CPU_CHUNK_ELEMENTS / K. glibc serves blocks of 32 MiB
+    and more by fresh mmaps whose page faults cost as much as the arithmetic (and such blocks miss the caches);
+    smaller ones are reused. On CUDA the caching allocator has no such cost and bigger blocks mean fewer launches."""
+    return max(1, min(chunk, CPU_CHUNK_ELEMENTS // K)) if device.type == "cpu" else chunk
+
+
+def _with_ones(e):
+    return torch.cat([e, torch.ones_like(e[:, :1])], 1)  # (N, D+1)
+
+
+CPU_TILE = 1024  # nearest-code search on CPU: (1024 rows, 1024 codes) score tiles, 4 MiB, stay in cache
+
+
+def nearest_code(e: torch.Tensor, C: torch.Tensor, chunk: int) -> torch.Tensor:
+    """argmin_k ||e_n - c_k||^2 for each row of e (the first such k), never holding more than (chunk, K) scores.
+
+    On CPU the search is tiled over codes as well, keeping a running best per row: a whole (rows, K) block
+    either leaves the cache (K large, rows many) or makes a GEMM too thin to run fast (K large, rows few);
+    at K = 65,536 tiling halves the time.
+    """
+    N, K = len(e), len(C)
+    rows, tile = (min(chunk, CPU_TILE), CPU_TILE) if e.device.type == "cpu" else (chunk, K)
+    # [e, 1] W^T = 2 e.c - ||c||^2 = ||e||^2 - ||e - c||^2: the nearest code has the largest score, one GEMM
+    W = _with_ones(2.0 * C)
+    W[:, -1] = -(C * C).sum(1)
+    e1 = _with_ones(e)
+    idx = torch.empty(N, dtype=torch.long, device=e.device)
+    for s in range(0, N, rows):
+        best, arg = row_argmax(e1[s:s + rows] @ W[:tile].t())
+        for k in range(tile, K, tile):
+            score, i = row_argmax(e1[s:s + rows] @ W[k:k + tile].t())
+            better = score > best  # strict: on a tie the earlier tile, so the first index, wins
+            best, arg = torch.where(better, score, best), torch.where(better, i + k, arg)
+        idx[s:s + rows] = arg
+    return idx
+
+
+ARGMAX_BLOCK = 64
+
+
+def row_argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max, index of the first max) of each row of x (R, K), as x.max(1).
+
+    On CPU torch's arg-reductions are not vectorised (about 15x slower than amax), so: the max of each block of
+    ARGMAX_BLOCK columns (vectorised), the first block holding the row max, then argmax within that block only.
+    """
+    R, K = x.shape
+    if x.device.type != "cpu" or K % ARGMAX_BLOCK or K == ARGMAX_BLOCK:
+        return x.max(1)
+    blocks = x.reshape(R, K // ARGMAX_BLOCK, ARGMAX_BLOCK)
+    best, j = blocks.amax(2).max(1)
+    inner = blocks[torch.arange(R, device=x.device), j].argmax(1)
+    return best, j * ARGMAX_BLOCK + inner
+
+
+def _log_colsum(p, logits):
+    """log sum_n p_nk. Sums in linear space, and in log space (logsumexp) only for columns that underflow, so
+    log Q stays finite even at beta = 1e4. A column counts as underflowing when all its terms may be subnormal
+    (sum < rows x smallest normal), where float32 keeps too few digits (a sum stored as 2.8e-45 was 13% off)."""
+    col = p.sum(0)
+    out = col.log()
+    under = col < torch.finfo(col.dtype).tiny * len(p)
+    if under.any():
+        cols = under.nonzero().squeeze(1)
+        # log p = logits - (row logsumexp), and the row logsumexp is max logits - log max p, as the largest p is
+        # exp(max - logsumexp): two fast reductions instead of another exp pass over the chunk
+        lse_row = logits.amax(1, keepdim=True) - p.amax(1, keepdim=True).log()
+        log_p = logits.index_select(1, cols) - lse_row  # (chunk, n_under)
+        m = log_p.amax(0)
+        # a column's logsumexp. Terms more than 87 below the column max add < 1e-38 to a sum >= 1, so clamping
+        # them there changes nothing and keeps exp off its slow underflow path (about 10x slower on CPU)
+        out[cols] = log_p.sub_(m).clamp_(min=-87.0).exp_().sum(0).log_().add_(m)
+    return out
+
+
+# ################################################################################################################
+# Checkpoint I/O
+# ################################################################################################################
+
+CHECKPOINT_FORMAT = 2  # 2: final_model.pt shares last.pt's format (minus optimizer); the schedule anchor is saved
+
+
+def atomic_write(path: Path, write) -> Path:
+    """Write via a temporary file in the same folder, fsync, then rename: a crash never leaves a partial file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)  # the rename itself survives a power cut only once the folder is synced
+    return path
+
+
+def _fsync_dir(folder: Path):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # platforms that cannot open a folder (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # truncated zip, not a torch file, unpickling error...
+        raise UserError(f"corrupt or truncated checkpoint {path}: {type(err).__name__}") from None
+    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        raise UserError(f"{path} is not a BA-VQ checkpoint (no config/model)")
+    return state
+
+
+def load_checkpoint(path: str | Path, device="cpu") -> tuple[VQVAE, dict]:
+    """Rebuild the model from a checkpoint alone (final_model.pt, last.pt or checkpoint_epoch{N}.pt)."""
+    state = read_checkpoint(path)
+    model = VQVAE(make_config(state["config"]))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), state
+
+
+RESUME_KEYS = ("config", "model", "optimizer", "scaler", "step", "epoch", "step_in_epoch", "epoch_sums", "rng")
+
+
+def check_run_dir(cfg: Config, run_dir: Path) -> Optional[dict]:
+    """Every check on the run folder, writing nothing. Returns the checkpoint to resume from (resume) or None.
+    Refuses an existing run unless resume or overwrite is asked for."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} is a file")
+    last = run_dir / "last.pt"
+    if cfg.resume:
+        if not last.exists():
+            raise UserError(f"--resume: no checkpoint at {last}")
+        state = read_checkpoint(last)
+        missing = [k for k in RESUME_KEYS if k not in state]
+        if missing:
+            raise UserError(f"--resume: {last} is not a resumable checkpoint (it has no {', '.join(missing)})")
+        check_resume_config(make_config(state["config"]), cfg)
+        return state
+    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.overwrite:
+        raise UserError(f"run folder {run_dir} exists; pass --resume to continue it or --overwrite to replace it")
+    return None
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool):
+    """Create the run folder (replacing it under overwrite) or reopen it to resume; write config.yaml.
+    Called once check_run_dir and the data have passed."""
+    if resume:
+        for tmp in run_dir.glob(".*.tmp"):  # left by an atomic write that a kill cut short
+            tmp.unlink()
+    elif cfg.overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    write_config(cfg, run_dir)
+
+
+def check_resume_config(saved: Config, given: Config):
+    for name in config_fields():
+        if name in RESUMABLE_CHANGES:
+            continue
+        if getattr(saved, name) != getattr(given, name):
+            raise UserError(f"--resume: '{name}' differs from the run's config ({getattr(saved, name)!r} there, "
+                            f"{getattr(given, name)!r} given); it changes the model or its training")
+
+
+def write_config(cfg: Config, run_dir: Path):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    atomic_write(run_dir / "config.yaml", lambda fh: fh.write(text.encode()))
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints, and exits 130/143."""
+
+    def __init__(self):
+        self.requested, self.signum, self._old = False, None, {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. a notebook worker): signals stay as they are
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested, self.signum = True, signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Interrupted(Exception):
+    """Raised after a stop signal once last.pt holds the state; the CLI exits 128 + signum (130 / 143)."""
+
+    def __init__(self, signum: Optional[int], trainer: "Trainer"):
+        cfg = trainer.cfg
+        signum = signum or signal.SIGTERM  # a rank that stops because another rank was signalled
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {trainer.step}; checkpoint "
+                         f"{trainer.run_dir / 'last.pt'} written; continue with --resume --name {cfg.name} "
+                         f"--out_dir {cfg.out_dir}")
+        self.exit_code = 128 + signum
+
+
+# ################################################################################################################
+# Logging and W&B
+# ################################################################################################################
 
 class Logger:
     """The one place metrics are written: metrics.jsonl (every record) and W&B when enabled."""
@@ -1238,465 +1778,3 @@ def _wandb_id(run_dir: Path) -> str:
     if not path.exists():
         path.write_text(f"{run_dir.name[:40]}-{os.urandom(4).hex()}")
     return path.read_text().strip()
-
-
-class StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints, and exits 130/143."""
-
-    def __init__(self):
-        self.requested, self.signum, self._old = False, None, {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. a notebook worker): signals stay as they are
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested, self.signum = True, signum
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-class Interrupted(Exception):
-    """Raised after a stop signal once last.pt holds the state; the CLI exits 128 + signum (130 / 143)."""
-
-    def __init__(self, signum: Optional[int], trainer: "Trainer"):
-        cfg = trainer.cfg
-        signum = signum or signal.SIGTERM  # a rank that stops because another rank was signalled
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {trainer.step}; checkpoint "
-                         f"{trainer.run_dir / 'last.pt'} written; continue with --resume --name {cfg.name} "
-                         f"--out_dir {cfg.out_dir}")
-        self.exit_code = 128 + signum
-
-
-def train(cfg: Config) -> dict:
-    """Train one run end to end; returns the final validation metrics (also in final_metrics.json)."""
-    if cfg.resume and not cfg.name:
-        raise UserError("--resume needs --name (the run to continue)")
-    own_group = not (dist.is_available() and dist.is_initialized())
-    rank, world = _dist_rank_world()
-    device = pick_device(cfg.device) if world == 1 else _ddp_device(cfg, rank)
-    cfg = _name_run(cfg)
-    run_dir = Path(cfg.out_dir) / cfg.name
-    # every check (run folder, checkpoint, data) passes before anything on disk is created or changed
-    ckpt = check_run_dir(cfg, run_dir)
-    trainer = Trainer(cfg, run_dir, device, rank, world)
-    if ckpt is not None:
-        restore_training_state(trainer, ckpt)
-    if rank == 0:
-        prepare_run_dir(cfg, run_dir, resume=ckpt is not None)
-    logger = Logger(cfg, run_dir, enabled=rank == 0)
-    if ckpt is not None:
-        logger.truncate_after(trainer.step)
-    _print_header(cfg, trainer, device, rank)
-    try:
-        with StopFlag() as stop:
-            metrics = _train_loop(trainer, logger, stop)
-    finally:
-        logger.finish()
-    if rank == 0:
-        with rank_local():  # rank 0 alone: its reconstruction forward must not wait for the other ranks
-            _write_final(trainer, metrics)
-    if world > 1 and own_group:
-        dist.destroy_process_group()
-    return metrics
-
-
-def _train_loop(trainer: Trainer, logger: Logger, stop: StopFlag) -> dict:
-    from tqdm.auto import tqdm
-    cfg = trainer.cfg
-    with tqdm(total=trainer.total_steps, initial=trainer.step, desc=cfg.name,
-              disable=None if trainer.rank == 0 else True, dynamic_ncols=True, leave=False) as progress:
-        while trainer.epoch < cfg.epochs:
-            t0 = time.time()
-            finished = trainer.train_epoch(logger, stop, progress)
-            trainer.check_finite()
-            if not finished:
-                if trainer.rank == 0:
-                    save_checkpoint(trainer, "last.pt")
-                raise Interrupted(stop.signum, trainer)
-            _end_epoch(trainer, logger, t0)
-            if trainer.stop_agreed(stop, anytime=True):  # signalled during validation: last.pt was just written
-                raise Interrupted(stop.signum, trainer)
-    # a run resumed after its last epoch (killed before the final files) reports that epoch's metrics
-    return trainer.val_metrics or {}
-
-
-def _end_epoch(trainer: Trainer, logger: Logger, t0: float) -> dict:
-    cfg = trainer.cfg
-    train_means = trainer.epoch_means()
-    val = validate(trainer.model, trainer.val_batches, trainer.autocast())
-    bad = [k for k, v in val.items() if not math.isfinite(v)]
-    if bad:
-        raise NonFiniteError(f"non-finite val/{bad[0]} after epoch {trainer.epoch + 1} (step {trainer.step}); "
-                             f"stopping, last good checkpoint kept")
-    seconds = time.time() - t0  # training and validation of this epoch
-    trainer.epoch += 1
-    trainer.val_metrics = val
-    trainer.step_in_epoch, trainer.epoch_sums = 0, {}
-    record = {"step": trainer.step, "epoch": trainer.epoch, "epoch_time": seconds,
-              **{f"train/{k}": v for k, v in train_means.items() if k in ("loss", "recon_loss", "commitment_loss",
-                                                                           "codebook_loss", "entropy_loss")},
-              **{f"val/{k}": v for k, v in val.items()}}
-    logger.log(record)
-    if trainer.rank == 0:
-        print(f"Epoch {trainer.epoch}/{cfg.epochs} | Train Loss: {train_means['loss']:.4f} | "
-              f"Val Loss: {val['loss']:.4f} | PSNR: {val['psnr']:.2f} | Perplexity: {val['perplexity']:.1f} | "
-              f"Usage: {val['usage_rate'] * 100:.1f}%" + (f" | beta: {val['beta']:.3f}" if "beta" in val else "")
-              + f" | {seconds:.1f}s")
-        # last.pt after the periodic file: a run killed in between redoes the epoch and writes both
-        if trainer.epoch % cfg.checkpoint_every == 0:
-            save_checkpoint(trainer, f"checkpoint_epoch{trainer.epoch}.pt", val)
-        save_checkpoint(trainer, "last.pt", val)
-    return val
-
-
-def _write_final(trainer: Trainer, metrics: dict):
-    run_dir = trainer.run_dir
-    atomic_write(run_dir / "final_model.pt", lambda fh: torch.save(
-        {"format": CHECKPOINT_FORMAT, "config": config_to_dict(trainer.cfg),
-         "model": trainer.model.state_dict(), "val_metrics": metrics}, fh))
-    save_reconstructions(trainer.model, trainer.val_batches, run_dir / "reconstructions.png")
-    # written last: sweeps take final_metrics.json as the sign of a finished run
-    atomic_write(run_dir / "final_metrics.json", lambda fh: fh.write(json.dumps(metrics, indent=2).encode()))
-    print(f"Training complete. Results in {run_dir}")
-
-
-@torch.no_grad()
-def save_reconstructions(model: VQVAE, batches: Batches, path: Path, n: int = 8):
-    """Originals (top row) over reconstructions (bottom row), first n validation images."""
-    from torchvision.utils import save_image
-    model.eval()
-    x = next(iter(batches.epoch(0)))[:n]
-    x_hat = model(x)[0].float()
-    save_image(torch.cat([x, x_hat]).clamp(-1, 1) * 0.5 + 0.5, str(path), nrow=len(x))
-
-
-def _name_run(cfg: Config) -> Config:
-    if cfg.name:
-        return cfg
-    name = [f"{cfg.quantizer}_k{cfg.codebook_size}_{time.strftime('%Y%m%d-%H%M%S')}"]
-    if _world() > 1:  # the clock may tick between ranks: rank 0's name everywhere
-        dist.broadcast_object_list(name, 0)
-    return dataclasses.replace(cfg, name=name[0])
-
-
-def _print_header(cfg: Config, trainer: Trainer, device, rank: int):
-    if rank != 0:
-        return
-    n_params = sum(p.numel() for p in trainer.model.parameters())
-    print(f"{cfg.name}: {cfg.quantizer} K={cfg.codebook_size} D={cfg.code_dim} arch={cfg.arch} on {device} "
-          f"({trainer.amp_dtype or 'fp32'}) | {len(trainer.train_batches.images)} train / "
-          f"{len(trainer.val_batches.images)} val images | {n_params / 1e6:.2f}M params | "
-          f"{trainer.total_steps} steps" + (f" | resuming at step {trainer.step}" if trainer.step else ""))
-
-
-def _dist_rank_world() -> tuple[int, int]:
-    """(rank, world size) of this process; under torchrun (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment)
-    the process group is started here: gloo for CPU tensors, and NCCL for CUDA tensors where CUDA is present."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        if not dist.is_initialized():
-            cuda = torch.cuda.is_available() and dist.is_nccl_available()
-            dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _ddp_device(cfg: Config, rank: int) -> torch.device:
-    """One device per process: cuda:LOCAL_RANK when CUDA is asked for (or auto and present), else the CPU."""
-    name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        local = int(os.environ.get("LOCAL_RANK", rank))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    if name != "cpu":
-        raise UserError(f"multi-process training runs on CUDA or the CPU, not on {name}")
-    return torch.device("cpu")
-
-
-# ################################################################################################################
-# Checkpoint I/O
-# ################################################################################################################
-
-CHECKPOINT_FORMAT = 1
-
-
-def atomic_write(path: Path, write) -> Path:
-    """Write via a temporary file in the same folder, fsync, then rename: a crash never leaves a partial file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)  # the rename itself survives a power cut only once the folder is synced
-    return path
-
-
-def _fsync_dir(folder: Path):
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # platforms that cannot open a folder (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def save_checkpoint(trainer: Trainer, filename: str, val_metrics: Optional[dict] = None) -> Path:
-    """One self-describing dict: everything needed to rebuild the model and continue bit-exactly."""
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "config": config_to_dict(trainer.cfg),
-        "model": trainer.model.state_dict(),
-        "optimizer": trainer.optimizer.state_dict(),
-        "scaler": trainer.scaler.state_dict(),
-        "step": trainer.step, "epoch": trainer.epoch, "step_in_epoch": trainer.step_in_epoch,
-        "epoch_sums": trainer.epoch_sums,
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-        "val_metrics": val_metrics,
-    }
-    return atomic_write(trainer.run_dir / filename, lambda fh: torch.save(state, fh))
-
-
-def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # truncated zip, not a torch file, unpickling error...
-        raise UserError(f"corrupt or truncated checkpoint {path}: {type(err).__name__}") from None
-    if not isinstance(state, dict) or "config" not in state or "model" not in state:
-        raise UserError(f"{path} is not a BA-VQ checkpoint (no config/model)")
-    return state
-
-
-def load_checkpoint(path: str | Path, device="cpu") -> tuple[VQVAE, dict]:
-    """Rebuild the model from a checkpoint alone (final_model.pt, last.pt or checkpoint_epoch{N}.pt)."""
-    state = read_checkpoint(path)
-    model = VQVAE(make_config(state["config"]))
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), state
-
-
-def restore_training_state(trainer: Trainer, state: dict):
-    trainer.model.load_state_dict(state["model"])
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.scaler.load_state_dict(state["scaler"])
-    trainer.step, trainer.epoch, trainer.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-    trainer.epoch_sums = {k: v.to(trainer.device) for k, v in state["epoch_sums"].items()}
-    trainer.val_metrics = state.get("val_metrics")
-    rng = state["rng"]
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-RESUME_KEYS = ("config", "model", "optimizer", "scaler", "step", "epoch", "step_in_epoch", "epoch_sums", "rng")
-
-
-def check_run_dir(cfg: Config, run_dir: Path) -> Optional[dict]:
-    """Every check on the run folder, writing nothing. Returns the checkpoint to resume from (resume) or None.
-    Refuses an existing run unless resume or overwrite is asked for."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"run folder {run_dir} is a file")
-    last = run_dir / "last.pt"
-    if cfg.resume:
-        if not last.exists():
-            raise UserError(f"--resume: no checkpoint at {last}")
-        state = read_checkpoint(last)
-        missing = [k for k in RESUME_KEYS if k not in state]
-        if missing:
-            raise UserError(f"--resume: {last} is not a resumable checkpoint (it has no {', '.join(missing)})")
-        check_resume_config(make_config(state["config"]), cfg)
-        return state
-    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.overwrite:
-        raise UserError(f"run folder {run_dir} exists; pass --resume to continue it or --overwrite to replace it")
-    return None
-
-
-def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool):
-    """Create the run folder (replacing it under overwrite) or reopen it to resume; write config.yaml.
-    Called once check_run_dir and the data have passed."""
-    if resume:
-        for tmp in run_dir.glob(".*.tmp"):  # left by an atomic write that a kill cut short
-            tmp.unlink()
-    elif cfg.overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
-    write_config(cfg, run_dir)
-
-
-def check_resume_config(saved: Config, given: Config):
-    for name in config_fields():
-        if name in RESUMABLE_CHANGES:
-            continue
-        if getattr(saved, name) != getattr(given, name):
-            raise UserError(f"--resume: '{name}' differs from the run's config ({getattr(saved, name)!r} there, "
-                            f"{getattr(given, name)!r} given); it changes the model or its training")
-
-
-def write_config(cfg: Config, run_dir: Path):
-    run_dir.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    atomic_write(run_dir / "config.yaml", lambda fh: fh.write(text.encode()))
-
-
-def resolve_config(config_file: Optional[str], flags: dict) -> Config:
-    """Defaults < YAML file < flags. With resume, the run's saved config takes the place of the defaults."""
-    values = read_yaml(config_file) if config_file else {}
-    values = {**values, **flags}
-    cfg = make_config(values)
-    if cfg.resume and cfg.name:
-        saved_path = Path(cfg.out_dir) / cfg.name / "config.yaml"
-        if saved_path.exists():
-            cfg = make_config({**read_yaml(saved_path), **values})
-    return cfg
-
-
-# ################################################################################################################
-# Run loading (for analyze.ipynb and sweeps)
-# ################################################################################################################
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # the cut last line of a killed run
-            continue
-    return records
-
-
-def find_runs(root: str | Path) -> list[Path]:
-    """Every run folder (one holding config.yaml) below root, sorted."""
-    return sorted(p.parent for p in Path(root).rglob("config.yaml"))
-
-
-def load_run(run_dir: str | Path) -> dict:
-    """Config, final metrics and logged records of one run folder."""
-    run_dir = Path(run_dir)
-    final = run_dir / "final_metrics.json"
-    return {"dir": run_dir, "name": run_dir.name,
-            "config": read_yaml(run_dir / "config.yaml"),
-            "final": json.loads(final.read_text()) if final.exists() else None,
-            "records": read_jsonl(run_dir / "metrics.jsonl")}
-
-
-TABLE_SETTINGS = ("quantizer", "codebook_size", "epochs", "commitment_weight")
-TABLE_BA_SETTINGS = ("beta_start", "beta_end", "ba_iters", "entropy_weight")  # meaningless for vq_ema: None there
-TABLE_METRICS = ("psnr", "perplexity", "usage_rate", "dead_codes")
-
-
-def runs_table(runs: list[dict]) -> list[dict]:
-    """One row per loaded run: the settings the seeds varied, final validation metrics (None while unfinished)
-    and wall time (sum of the logged epoch times)."""
-    rows = []
-    for run in runs:
-        cfg, final = run["config"], run["final"] or {}
-        is_ba = cfg.get("quantizer") == "ba_vq"
-        rows.append({"run": run["name"], **{k: cfg.get(k) for k in TABLE_SETTINGS},
-                     **{k: cfg.get(k) if is_ba else None for k in TABLE_BA_SETTINGS},
-                     **{k: final.get(k) for k in TABLE_METRICS},
-                     "wall_time_s": sum(r.get("epoch_time", 0.0) for r in run["records"])})
-    return rows
-
-
-def epoch_curves(run: dict) -> dict[str, np.ndarray]:
-    """Validation metrics per epoch: epoch, psnr, perplexity, usage_rate (arrays of one length)."""
-    recs = [r for r in run["records"] if "val/psnr" in r]
-    return {"epoch": np.array([r["epoch"] for r in recs], dtype=int),
-            **{k: np.array([r[f"val/{k}"] for r in recs], dtype=float) for k in ("psnr", "perplexity", "usage_rate")}}
-
-
-def step_curves(run: dict) -> dict[str, np.ndarray]:
-    """Records logged every log_every steps: step, batch perplexity and beta (NaN for quantizers without one)."""
-    recs = [r for r in run["records"] if "train/perplexity" in r]
-    return {"step": np.array([r["step"] for r in recs], dtype=int),
-            "perplexity": np.array([r["train/perplexity"] for r in recs], dtype=float),
-            "beta": np.array([r.get("train/beta", math.nan) for r in recs], dtype=float)}
-
-
-def find_spike(steps, perplexity, beta, window: int = 1) -> tuple[Optional[int], Optional[int]]:
-    """(first step where beta reaches 1 from below, or None; first step of the largest rise of the batch
-    perplexity, or None): the rise at record i is the mean of records i..i+window-1 minus the mean of the
-    `window` records before, so a wider window favours a sustained rise over a single noisy batch.
-
-    Seed 000 reports a perplexity 'spike' when beta crosses 1; this finds both steps to compare them.
-    """
-    steps, ppl, beta = np.asarray(steps), np.asarray(perplexity, dtype=float), np.asarray(beta, dtype=float)
-    crossings = np.nonzero((beta[:-1] < 1) & (beta[1:] >= 1))[0]  # NaN compares False: no beta, no crossing
-    cross = int(steps[crossings[0] + 1]) if len(crossings) else None
-    if len(ppl) < 2 * window:
-        return cross, None
-    c = np.concatenate([[0.0], np.cumsum(ppl)])
-    i = np.arange(window, len(ppl) - window + 1)
-    rise = (c[i + window] - c[i]) - (c[i] - c[i - window])  # window x (mean after - mean before)
-    return cross, int(steps[i[np.argmax(rise)]])
-
-
-def val_images(config: dict) -> torch.Tensor:
-    """The uint8 validation images (N, 3, 32, 32) a run with this saved config was validated on."""
-    return load_cifar10(make_config(config))[1]
-
-
-@torch.no_grad()
-def code_counts(model: VQVAE, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """Histogram (K,) of the hard codes the model (eval mode, as in validate) gives the uint8 images.
-    BA codes depend on the batch (its marginal Q): pass the run's batch_size to reproduce its validation."""
-    model.eval()
-    device = next(model.parameters()).device
-    counts = torch.zeros(model.quantizer.K, dtype=torch.long)
-    for x in Batches(images, batch, device, shuffle=False).epoch(0):
-        counts += code_histogram(model(x)[3]["code_indices"], model.quantizer.K).cpu()
-    return counts
-
-
-@torch.no_grad()
-def latents(model: VQVAE, images: torch.Tensor, n: int, seed: int = 0, batch: int = 256):
-    """(e (n, D), idx (n,)): n encoder outputs drawn without replacement from the latents of the uint8 images,
-    with the hard codes the model gives them in eval mode (BA: computed on whole batches, as in validate)."""
-    model.eval()
-    device = next(model.parameters()).device
-    es, idxs = [], []
-    for x in Batches(images, batch, device, shuffle=False).epoch(0):
-        e = model.encoder(x)  # (B, D, 8, 8)
-        idxs.append(model.quantizer(e)[2]["code_indices"].reshape(-1).cpu())  # (B*8*8,) in _flatten's order
-        es.append(_CodebookQuantizer._flatten(e).cpu())
-    e, idx = torch.cat(es), torch.cat(idxs)
-    pick = torch.randperm(len(e), generator=torch.Generator().manual_seed(seed))[:n]
-    return e[pick], idx[pick]
-
-
-def operating_point(e: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor) -> tuple[float, float]:
-    """(rate in bits, distortion) of the hard codes idx for latents e (N, D): the entropy of their histogram and
-    the mean ||e - c_idx||^2, the two quantities blahut_arimoto_rd trades off."""
-    probs = code_histogram(idx, len(codebook)).double() / len(idx)
-    probs = probs[probs > 0]
-    rate = -(probs * probs.log2()).sum().item()
-    return rate, (e.double() - codebook[idx].double()).square().sum(1).mean().item()
-
-
-def rd_curve(e: torch.Tensor, codebook: torch.Tensor, betas, iters: int = 1000, tol: float = 1e-9) -> np.ndarray:
-    """(len(betas), 2) array of (rate in bits, distortion): R(D) of the latents e against the codebook's points.
-    tol (on the marginal Q) well above blahut_arimoto_rd's default keeps a plot's dozen points quick."""
-    return np.array([blahut_arimoto_rd(e, codebook, float(b), iters=iters, tol=tol) for b in betas])

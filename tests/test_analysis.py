@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+import runs
 import vqvae
 
 
@@ -16,8 +17,8 @@ def test_find_spike_on_a_synthetic_curve():
     steps = np.arange(10, 410, 10)
     beta = steps / 200  # 0.95 at step 190, 1.0 at step 200
     ppl = np.where(steps < 250, 50.0, 120.0)  # jumps between step 240 and 250
-    assert vqvae.find_spike(steps, ppl, beta) == (200, 250)
-    assert vqvae.find_spike(steps, ppl, beta, window=4) == (200, 250)
+    assert runs.find_spike(steps, ppl, beta) == (200, 250)
+    assert runs.find_spike(steps, ppl, beta, window=4) == (200, 250)
 
 
 def test_find_spike_window_prefers_a_sustained_rise_over_noise():
@@ -25,20 +26,20 @@ def test_find_spike_window_prefers_a_sustained_rise_over_noise():
     ppl = np.full(100, 50.0)
     ppl[20] = 90.0  # one noisy batch: +40 and back
     ppl[60:] = 85.0  # sustained rise of 35
-    assert vqvae.find_spike(steps, ppl, np.full(100, 2.0)) == (None, 20)
-    assert vqvae.find_spike(steps, ppl, np.full(100, 2.0), window=10) == (None, 60)
+    assert runs.find_spike(steps, ppl, np.full(100, 2.0)) == (None, 20)
+    assert runs.find_spike(steps, ppl, np.full(100, 2.0), window=10) == (None, 60)
 
 
 @pytest.mark.parametrize("beta", [np.full(20, math.nan), np.linspace(1.0, 10.0, 20), np.linspace(0.1, 0.9, 20)])
 def test_find_spike_without_a_crossing(beta):
     """VQ-EMA (no beta), a schedule starting at 1 (seed's exp4) or staying below it: no crossing."""
-    cross, rise = vqvae.find_spike(np.arange(20), np.arange(20.0) ** 2, beta)
+    cross, rise = runs.find_spike(np.arange(20), np.arange(20.0) ** 2, beta)
     assert cross is None and rise == 19
 
 
 def test_find_spike_too_few_records():
-    assert vqvae.find_spike([10], [5.0], [0.5]) == (None, None)
-    assert vqvae.find_spike([10, 20], [5.0, 6.0], [0.5, 1.5], window=2) == (20, None)
+    assert runs.find_spike([10], [5.0], [0.5]) == (None, None)
+    assert runs.find_spike([10, 20], [5.0, 6.0], [0.5, 1.5], window=2) == (20, None)
 
 
 # -- fake run folders ---------------------------------------------------------------------------------------------
@@ -69,33 +70,35 @@ def fake_runs(tmp_path):
                    "val/usage_rate": 0.1}]
     write_run(tmp_path / "sweep" / "vq", vq_cfg, vq_records)  # unfinished: no final_metrics.json
     (tmp_path / "sweep" / "results.md").write_text("not a run\n")
-    return [vqvae.load_run(p) for p in vqvae.find_runs(tmp_path)]
+    return [runs.load_run(p) for p in runs.find_runs(tmp_path)]
 
 
 def test_runs_table_from_fake_folders(fake_runs):
-    rows = vqvae.runs_table(fake_runs)
+    rows = runs.runs_table(fake_runs)
     assert [r["run"] for r in rows] == ["ba", "vq"]
     ba, vq = rows
     assert ba["quantizer"] == "ba_vq" and ba["entropy_weight"] == 0.01 and ba["ba_iters"] == 1
     assert (ba["psnr"], ba["perplexity"], ba["usage_rate"], ba["dead_codes"]) == (15.5, 8.0, 0.5, 3)
     assert ba["wall_time_s"] == pytest.approx(7.5)
     assert vq["quantizer"] == "vq_ema" and vq["codebook_size"] == vqvae.Config.codebook_size
-    assert all(vq[k] is None for k in vqvae.TABLE_BA_SETTINGS)  # BA settings do not apply to VQ-EMA
-    assert all(vq[k] is None for k in vqvae.TABLE_METRICS)  # unfinished run
+    # the table shows the hyperparameters the run's quantizer reads (its Params): beta etc. do not apply to VQ-EMA
+    assert all(vq[k] is None for k in ("beta_start", "beta_end", "ba_iters", "entropy_weight"))
+    assert "dead_code_threshold" in runs.quantizer_keys("vq_ema") and runs.quantizer_keys("no_such") is None
+    assert all(vq[k] is None for k in runs.TABLE_METRICS)  # unfinished run
     assert vq["wall_time_s"] == pytest.approx(2.0)
 
 
 def test_epoch_and_step_curves(fake_runs):
     ba, vq = fake_runs
-    curves = vqvae.epoch_curves(ba)
+    curves = runs.epoch_curves(ba)
     np.testing.assert_array_equal(curves["epoch"], [1, 2])
     np.testing.assert_allclose(curves["psnr"], [14.0, 15.5])
     np.testing.assert_allclose(curves["usage_rate"], [0.25, 0.5])
-    steps = vqvae.step_curves(ba)  # epoch records carry no batch perplexity and are left out
+    steps = runs.step_curves(ba)  # epoch records carry no batch perplexity and are left out
     np.testing.assert_array_equal(steps["step"], [10, 20, 30])
     np.testing.assert_allclose(steps["perplexity"], [5.0, 9.0, 11.0])
-    assert vqvae.find_spike(steps["step"], steps["perplexity"], steps["beta"]) == (20, 20)
-    vq_steps = vqvae.step_curves(vq)
+    assert runs.find_spike(steps["step"], steps["perplexity"], steps["beta"]) == (20, 20)
+    vq_steps = runs.step_curves(vq)
     assert vq_steps["step"].tolist() == [10] and np.isnan(vq_steps["beta"]).all()
 
 
@@ -107,14 +110,14 @@ def model_and_images(request):
     model = vqvae.VQVAE(quantizer=request.param, arch="compact", codebook_size=16, kmeans_init=False).eval()
     images = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():  # spread the codebook over the encoder's outputs so that several codes are used
-        e = vqvae._CodebookQuantizer._flatten(model.encoder(images.float() / 127.5 - 1))
+        e = vqvae.Quantizer._flatten(model.encoder(images.float() / 127.5 - 1))
         model.quantizer.codebook.copy_(e[torch.randperm(len(e))[:16]])
     return model, images
 
 
 def test_code_counts_agree_with_validate(model_and_images):
     model, images = model_and_images
-    counts = vqvae.code_counts(model, images, batch=10)
+    counts = runs.code_counts(model, images, batch=10)
     assert counts.shape == (16,) and counts.sum().item() == len(images) * 64
     val = vqvae.validate(model, vqvae.Batches(images, 10, "cpu", shuffle=False))
     stats = vqvae.codebook_stats(counts)
@@ -125,16 +128,16 @@ def test_code_counts_agree_with_validate(model_and_images):
 
 def test_latents_are_encoder_outputs_with_the_models_codes(model_and_images):
     model, images = model_and_images
-    e, idx = vqvae.latents(model, images, n=300, seed=1, batch=10)
+    e, idx = runs.latents(model, images, n=300, seed=1, batch=10)
     assert e.shape == (300, model.cfg.code_dim) and idx.shape == (300,)
-    all_e = vqvae._CodebookQuantizer._flatten(model.encoder(images.float() / 127.5 - 1).detach())
+    all_e = vqvae.Quantizer._flatten(model.encoder(images.float() / 127.5 - 1).detach())
     # every sampled latent is one of the encoder's outputs, drawn without replacement
     match = torch.cdist(e, all_e).argmin(1)
     assert torch.allclose(all_e[match], e, atol=1e-5) and len(set(match.tolist())) == 300
     if model.quantizer_type == "vq_ema":  # hard VQ: the code is the nearest codeword
         C = model.quantizer.codebook
         assert torch.equal(idx, torch.cdist(e, C).argmin(1))
-    rate, distortion = vqvae.operating_point(e, model.quantizer.codebook, idx)
+    rate, distortion = runs.operating_point(e, model.quantizer.codebook, idx)
     counts = torch.bincount(idx, minlength=16).double()
     assert rate == pytest.approx(math.log2(vqvae.codebook_stats(counts)["perplexity"].item()), rel=1e-5)
     assert distortion == pytest.approx(((e - model.quantizer.codebook[idx]) ** 2).sum(1).mean().item(), rel=1e-5)
@@ -144,11 +147,11 @@ def test_operating_point_lies_above_the_rd_curve(model_and_images):
     """A deterministic code is one test channel: rate H(idx) >= I, so BA's minimum of R + beta D (in nats) over
     all channels is at most the operating point's, at every beta."""
     model, images = model_and_images
-    e, idx = vqvae.latents(model, images, n=200, batch=10)
+    e, idx = runs.latents(model, images, n=200, batch=10)
     C = model.quantizer.codebook
-    rate, distortion = vqvae.operating_point(e, C, idx)
+    rate, distortion = runs.operating_point(e, C, idx)
     betas = np.geomspace(0.1, 100, 6) / distortion
-    curve = vqvae.rd_curve(e, C, betas, iters=3000)
+    curve = runs.rd_curve(e, C, betas, iters=3000)
     assert curve.shape == (6, 2)
     for b, (r, d) in zip(betas, curve):
         assert r * math.log(2) + b * d <= rate * math.log(2) + b * distortion + 1e-6

@@ -3,17 +3,16 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import vqvae
-from vqvae import BAQuantizer, Config, VQEMAQuantizer
+from vqvae import Config
 
 QUANTIZERS = ["vq_ema", "ba_vq"]
 
 
 def make_q(kind, K=16, D=8, **overrides):
     cfg = Config(quantizer=kind, codebook_size=K, kmeans_iters=3, **overrides)
-    return vqvae.QUANTIZERS[kind](cfg, D)
+    return vqvae.make_quantizer(cfg, D)
 
 
 def latents(B=4, D=8, H=3, W=3, seed=0):
@@ -81,8 +80,7 @@ def test_loaded_state_decides_whether_kmeans_runs(kind):
 
 def test_vq_ema_update_matches_hand_computation():
     K, D, decay, eps = 4, 3, 0.9, 1e-5
-    cfg = Config(codebook_size=K, decay=decay, epsilon=eps, kmeans_init=False)
-    q = VQEMAQuantizer(cfg, D).train()
+    q = vqvae.make_quantizer(Config(codebook_size=K, decay=decay, epsilon=eps, kmeans_init=False), D).train()
     C0 = torch.tensor([[0., 0, 0], [1, 1, 1], [5, 5, 5], [-3, 0, 2]])
     q.codebook.copy_(C0)
     q.ema_count.copy_(torch.tensor([1., 2, 3, 4]))
@@ -233,10 +231,14 @@ def test_ba_finite_at_huge_beta(dtype):
 
 
 def test_beta_schedule_endpoints_and_midpoint():
-    cfg = Config(beta_start=0.5, beta_end=3.0)
-    assert vqvae.beta_at(0, 100, cfg) == pytest.approx(0.5)
-    assert vqvae.beta_at(99, 100, cfg) == pytest.approx(3.0)
-    assert vqvae.beta_at(33, 67, cfg) == pytest.approx(1.75)  # cosine midpoint is the mean
+    q = make_q("ba_vq", beta_start=0.5, beta_end=3.0)
+
+    def beta(step, total):
+        q.schedule(vqvae.schedule_progress(step, (0, 0.0), total))
+        return q.current_beta()
+    assert beta(0, 100) == pytest.approx(0.5)
+    assert beta(99, 100) == pytest.approx(3.0)
+    assert beta(33, 67) == pytest.approx(1.75)  # cosine midpoint is the mean
 
 
 # -- rotation trick -------------------------------------------------------------------------------------------------

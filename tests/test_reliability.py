@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import train
+import runs
 import vqvae
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +113,7 @@ def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: flo
 
 
 def records_without_times(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "epoch_time"} for r in vqvae.read_jsonl(run_dir / "metrics.jsonl")]
+    return [{k: v for k, v in r.items() if k != "epoch_time"} for r in runs.read_jsonl(run_dir / "metrics.jsonl")]
 
 
 def assert_same_run(run_dir: Path, reference: Path):
@@ -226,7 +227,7 @@ def test_checkpoint_restores_every_rng_state(data_dir, tmp_path):
                              "device": "cpu", "wandb": False})
     trainer = vqvae.Trainer(cfg, tmp_path, torch.device("cpu"))
     trainer.step, trainer.epoch, trainer.step_in_epoch = 11, 1, 3
-    vqvae.save_checkpoint(trainer, "last.pt")
+    trainer.save("last.pt")
 
     def draws():
         return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
@@ -234,7 +235,7 @@ def test_checkpoint_restores_every_rng_state(data_dir, tmp_path):
     expected = draws()
     vqvae.set_seed(12345)
     trainer.step = trainer.epoch = trainer.step_in_epoch = 0
-    vqvae.restore_training_state(trainer, vqvae.read_checkpoint(tmp_path / "last.pt"))
+    trainer.restore(vqvae.read_checkpoint(tmp_path / "last.pt"))
     assert draws() == expected
     assert (trainer.step, trainer.epoch, trainer.step_in_epoch) == (11, 1, 3)
 
@@ -268,7 +269,7 @@ def test_resume_drops_records_after_the_checkpoint_and_a_cut_line(tmp_path):
     with open(log.path, "a") as fh:
         fh.write('{"step": 4, "train/lo')  # killed mid-line
     log.truncate_after(2)
-    assert vqvae.read_jsonl(log.path) == [{"step": 1, "train/loss": 0.5}, {"step": 2, "train/loss": 0.5}]
+    assert runs.read_jsonl(log.path) == [{"step": 1, "train/loss": 0.5}, {"step": 2, "train/loss": 0.5}]
 
 
 # -- numerical safety -----------------------------------------------------------------------------------------------
@@ -313,7 +314,7 @@ def test_ba_training_at_beta_1e4_stays_finite(precision, small_data_dir, tmp_pat
     assert main(args) == 0, capsys.readouterr().err  # the NaN guard would have stopped it with exit code 1
     final = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
     assert final["beta"] == pytest.approx(1e4)
-    records = vqvae.read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    records = runs.read_jsonl(tmp_path / "run" / "metrics.jsonl")
     values = [v for r in records for v in r.values()] + list(final.values())
     assert records and all(math.isfinite(v) for v in values)
 

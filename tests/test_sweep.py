@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 import sweep
-import vqvae
+import runs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SWEEP = {"name": "tiny",
@@ -50,9 +50,9 @@ def test_sweep_runs_skips_and_resumes(tmp_path):
     results = read_results(sweep_dir)
     assert set(results) == {"vq", "ba"} and results["ba"]["key_change"] == "BA, 1 iter"
     for name in results:
-        final = vqvae.load_run(sweep_dir / name)["final"]
+        final = runs.load_run(sweep_dir / name)["final"]
         assert float(results[name]["psnr"]) == pytest.approx(final["psnr"])
-    assert vqvae.load_run(sweep_dir / "ba")["config"]["ba_iters"] == 1  # experiment overrides base
+    assert runs.load_run(sweep_dir / "ba")["config"]["ba_iters"] == 1  # experiment overrides base
     assert (sweep_dir / "results.md").read_text().count("\n") == 2 + 2  # header, rule, two rows
 
     # a second invocation skips both finished experiments and leaves their files alone
@@ -64,10 +64,10 @@ def test_sweep_runs_skips_and_resumes(tmp_path):
 
     # interrupted after epoch 1 (last.pt kept, no final metrics) and asked for 2 epochs: resumed, not restarted
     (sweep_dir / "ba" / "final_metrics.json").unlink()
-    first_epoch = [r for r in vqvae.read_jsonl(sweep_dir / "ba" / "metrics.jsonl") if "val/psnr" in r]
+    first_epoch = [r for r in runs.read_jsonl(sweep_dir / "ba" / "metrics.jsonl") if "val/psnr" in r]
     stdout = run_sweep_cli(path, out, "--epochs", "2")
     assert "vq: finished, skipping" in stdout and "ba: resuming" in stdout
-    run = vqvae.load_run(sweep_dir / "ba")
+    run = runs.load_run(sweep_dir / "ba")
     epochs = [r for r in run["records"] if "val/psnr" in r]
     assert [r["epoch"] for r in epochs] == [1, 2] and epochs[0] == first_epoch[0]
     assert run["final"] is not None and run["final"]["psnr"] == pytest.approx(epochs[1]["val/psnr"])

@@ -1,0 +1,153 @@
+"""Loading finished runs for analyze.ipynb and the sweeps: records, tables, curves, codes and R(D) points.
+
+A run folder holds config.yaml, metrics.jsonl (train/* records every log_every steps, train_epoch/* means and
+val/* metrics every epoch), final_metrics.json and final_model.pt (see README, "What a run writes").
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+import vqvae
+from vqvae import Batches, Quantizer, VQVAE, blahut_arimoto_rd, code_histogram, load_cifar10, make_config, read_yaml
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # the cut last line of a killed run
+            continue
+    return records
+
+
+def find_runs(root: str | Path) -> list[Path]:
+    """Every run folder (one holding config.yaml) below root, sorted."""
+    return sorted(p.parent for p in Path(root).rglob("config.yaml"))
+
+
+def load_run(run_dir: str | Path) -> dict:
+    """Config, final metrics and logged records of one run folder."""
+    run_dir = Path(run_dir)
+    final = run_dir / "final_metrics.json"
+    return {"dir": run_dir, "name": run_dir.name,
+            "config": read_yaml(run_dir / "config.yaml"),
+            "final": json.loads(final.read_text()) if final.exists() else None,
+            "records": read_jsonl(run_dir / "metrics.jsonl")}
+
+
+TABLE_SETTINGS = ("quantizer", "codebook_size", "epochs", "commitment_weight")
+TABLE_QUANTIZER_SETTINGS = ("beta_start", "beta_end", "ba_iters", "entropy_weight", "dead_code_threshold")
+TABLE_METRICS = ("psnr", "perplexity", "usage_rate", "dead_codes")
+
+
+def quantizer_keys(name: str) -> Optional[set[str]]:
+    """The Config keys the registered quantizer `name` reads (its Params fields); None if it is not registered in
+    this process (a run of a quantizer defined elsewhere)."""
+    cls = vqvae.QUANTIZERS.get(name)
+    return None if cls is None else {f.name for f in dataclasses.fields(cls.Params)}
+
+
+def runs_table(runs: list[dict]) -> list[dict]:
+    """One row per loaded run: the settings the seeds varied (None where the run's quantizer has no such
+    hyperparameter), final validation metrics (None while unfinished) and wall time (sum of the epoch times)."""
+    rows = []
+    for run in runs:
+        cfg, final = run["config"], run["final"] or {}
+        keys = quantizer_keys(cfg.get("quantizer", ""))
+        rows.append({"run": run["name"], **{k: cfg.get(k) for k in TABLE_SETTINGS},
+                     **{k: cfg.get(k) if keys is None or k in keys else None for k in TABLE_QUANTIZER_SETTINGS},
+                     **{k: final.get(k) for k in TABLE_METRICS},
+                     "wall_time_s": sum(r.get("epoch_time", 0.0) for r in run["records"])})
+    return rows
+
+
+def epoch_curves(run: dict) -> dict[str, np.ndarray]:
+    """Validation metrics per epoch: epoch, psnr, perplexity, usage_rate (arrays of one length)."""
+    recs = [r for r in run["records"] if "val/psnr" in r]
+    return {"epoch": np.array([r["epoch"] for r in recs], dtype=int),
+            **{k: np.array([r[f"val/{k}"] for r in recs], dtype=float) for k in ("psnr", "perplexity", "usage_rate")}}
+
+
+def step_curves(run: dict) -> dict[str, np.ndarray]:
+    """Records logged every log_every steps: step, batch perplexity and beta (NaN for quantizers without one)."""
+    recs = [r for r in run["records"] if "train/perplexity" in r]
+    return {"step": np.array([r["step"] for r in recs], dtype=int),
+            "perplexity": np.array([r["train/perplexity"] for r in recs], dtype=float),
+            "beta": np.array([r.get("train/beta", math.nan) for r in recs], dtype=float)}
+
+
+def find_spike(steps, perplexity, beta, window: int = 1) -> tuple[Optional[int], Optional[int]]:
+    """(first step where beta reaches 1 from below, or None; first step of the largest rise of the batch
+    perplexity, or None): the rise at record i is the mean of records i..i+window-1 minus the mean of the
+    `window` records before, so a wider window favours a sustained rise over a single noisy batch.
+
+    Seed 000 reports a perplexity 'spike' when beta crosses 1; this finds both steps to compare them.
+    """
+    steps, ppl, beta = np.asarray(steps), np.asarray(perplexity, dtype=float), np.asarray(beta, dtype=float)
+    crossings = np.nonzero((beta[:-1] < 1) & (beta[1:] >= 1))[0]  # NaN compares False: no beta, no crossing
+    cross = int(steps[crossings[0] + 1]) if len(crossings) else None
+    if len(ppl) < 2 * window:
+        return cross, None
+    c = np.concatenate([[0.0], np.cumsum(ppl)])
+    i = np.arange(window, len(ppl) - window + 1)
+    rise = (c[i + window] - c[i]) - (c[i] - c[i - window])  # window x (mean after - mean before)
+    return cross, int(steps[i[np.argmax(rise)]])
+
+
+def val_images(config: dict) -> torch.Tensor:
+    """The uint8 validation images (N, 3, 32, 32) a run with this saved config was validated on."""
+    return load_cifar10(make_config(config))[1]
+
+
+@torch.no_grad()
+def code_counts(model: VQVAE, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Histogram (K,) of the hard codes the model (eval mode, as in validate) gives the uint8 images.
+    BA codes depend on the batch (its marginal Q): pass the run's batch_size to reproduce its validation."""
+    model.eval()
+    device = next(model.parameters()).device
+    counts = torch.zeros(model.quantizer.K, dtype=torch.long)
+    for x in Batches(images, batch, device, shuffle=False).epoch(0):
+        counts += code_histogram(model(x)[3]["code_indices"], model.quantizer.K).cpu()
+    return counts
+
+
+@torch.no_grad()
+def latents(model: VQVAE, images: torch.Tensor, n: int, seed: int = 0, batch: int = 256):
+    """(e (n, D), idx (n,)): n encoder outputs drawn without replacement from the latents of the uint8 images,
+    with the hard codes the model gives them in eval mode (BA: computed on whole batches, as in validate)."""
+    model.eval()
+    device = next(model.parameters()).device
+    es, idxs = [], []
+    for x in Batches(images, batch, device, shuffle=False).epoch(0):
+        e = model.encoder(x)  # (B, D, 8, 8)
+        idxs.append(model.quantizer(e)[2]["code_indices"].reshape(-1).cpu())  # (B*8*8,) in _flatten's order
+        es.append(Quantizer._flatten(e).cpu())
+    e, idx = torch.cat(es), torch.cat(idxs)
+    pick = torch.randperm(len(e), generator=torch.Generator().manual_seed(seed))[:n]
+    return e[pick], idx[pick]
+
+
+def operating_point(e: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor) -> tuple[float, float]:
+    """(rate in bits, distortion) of the hard codes idx for latents e (N, D): the entropy of their histogram and
+    the mean ||e - c_idx||^2, the two quantities blahut_arimoto_rd trades off."""
+    probs = code_histogram(idx, len(codebook)).double() / len(idx)
+    probs = probs[probs > 0]
+    rate = -(probs * probs.log2()).sum().item()
+    return rate, (e.double() - codebook[idx].double()).square().sum(1).mean().item()
+
+
+def rd_curve(e: torch.Tensor, codebook: torch.Tensor, betas, iters: int = 1000, tol: float = 1e-9) -> np.ndarray:
+    """(len(betas), 2) array of (rate in bits, distortion): R(D) of the latents e against the codebook's points.
+    tol (on the marginal Q) well above blahut_arimoto_rd's default keeps a plot's dozen points quick."""
+    return np.array([blahut_arimoto_rd(e, codebook, float(b), iters=iters, tol=tol) for b in betas])
