@@ -165,10 +165,11 @@ def peak_increase_mib(step, device) -> float | None:
 def dense_ba_assign(e, C, log_Q0, beta, iters, chunk, want_sums=False):
     """`vqvae.ba_assign`'s outputs from the direct (N, K) formula, autograd doing the backward."""
     z, log_Q, idx, p = vqvae.ba_assign_direct(e, C, log_Q0, beta, iters)
+    H_p = -torch.special.xlogy(p, p).sum(1).mean()
     with torch.no_grad():
         counts = p.sum(0)
         sums = p.t() @ e if want_sums else None
-    return z, log_Q, idx, counts, sums
+    return z, log_Q, idx, counts, sums, H_p, p.amax(1).mean().detach()
 
 
 def make_forward(impl: str, D: int, K: int, iters: int, device, chunk: int):

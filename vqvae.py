@@ -80,10 +80,17 @@ class Config:
     codebook_size: int = _f(512, "number of codes K")
     commitment_weight: float = _f(0.25, "weight of ||e - sg(z_q)||^2")
     codebook_weight: float = _f(1.0, "BA: weight of ||z_q - sg(e)||^2")
-    entropy_weight: float = _f(0.01, "BA: weight of -H(Q), the marginal's entropy in nats")
-    beta_start: float = _f(0.5, "BA: inverse temperature at the first step")
-    beta_end: float = _f(3.0, "BA: inverse temperature at the last step (cosine schedule)")
+    entropy_weight: float = _f(0.01, "BA: weight of the usage term (usage_term), in nats")
+    beta_start: float = _f(1.0, "BA: inverse temperature at the first step (in beta_units)")
+    beta_end: float = _f(30.0, "BA: inverse temperature at the last step (cosine schedule)")
     ba_iters: int = _f(1, "BA: E-M iterations per forward pass")
+    ba_forward: Literal["hard", "soft"] = _f("hard", "BA: decoder sees the hard code (straight-through to e, p "
+                                             "drives the statistics) or the soft mixture sum_k p c_k (seeds)")
+    usage_term: Literal["mutual_info", "entropy"] = _f("mutual_info", "BA: -(H(Q) - E H(p(.|e))) or -H(Q) (seeds)")
+    beta_units: Literal["relative", "absolute"] = _f("relative", "BA: beta per running mean nearest-code "
+                                                     "distance, or per squared latent unit (seeds)")
+    eval_codes: Literal["running", "nearest", "batch"] = _f("running", "BA: evaluation code: MAP under the "
+                                                            "running Q, nearest code, or MAP under the batch's Q (seeds)")
     codebook_update: Literal["ema", "grad"] = _f("ema", "BA: soft-weighted EMA codebook, or learned by the loss")
     marginal: Literal["batch", "running"] = _f("batch", "BA: Q starts uniform each forward, or an EMA across steps")
     decay: float = _f(0.99, "EMA decay of codebook statistics (and of the running marginal)")
@@ -374,6 +381,8 @@ def make_decoder(arch: str, dim: int) -> nn.Module:
 #     metrics  {"code_indices": (B, H, W) long, the code of every latent, plus any scalar tensors} logged per step
 #              as train/<name> (batch perplexity, usage, beta ...). In eval mode a latent's code depends on that
 #              latent alone (never on the batch around it), and z_q is codes(code_indices): the deployed model.
+#              An eval-mode "z_soft" (B, D, H, W) is decoded by validation too and scored as val/soft_psnr, a
+#              diagnostic of what a relaxed quantizer's decoder saw in training.
 #   schedule(progress)  called before every training step with progress in [0, 1] over the run (annealing).
 #   report()            {name: float} that validation adds to its record (e.g. the current beta).
 #   codes(idx)          the vectors (..., D) that code indices stand for.
@@ -657,7 +666,8 @@ def entropy_from_log(log_Q: torch.Tensor) -> torch.Tensor:
 
 def ba_assign(e, C, log_Q0, beta: float, iters: int, chunk: int, want_sums: bool = False,
               cache_limit: int = 1 << 26):
-    """Chunked BA soft assignment: returns (z_soft (N,D), log_Q (K,), idx (N,), counts (K,), sums (K,D)|None)."""
+    """Chunked BA soft assignment. Returns (z_soft (N, D), log_Q (K,), idx (N,), counts (K,), sums (K, D) or None,
+    H_p (), max_p ()): H_p = mean_n H(p(.|e_n)) in nats (differentiable), max_p = mean_n max_k p(k|e_n)."""
     return _BAAssign.apply(e, C, log_Q0, float(beta), int(iters), int(chunk), want_sums, cache_limit)
 
 
@@ -666,8 +676,9 @@ class _BAAssign(torch.autograd.Function):
 
     Iteration t:  logits = log Q_{t-1} - beta ||e - c||^2,  p_t = softmax(logits),
                   log Q_t = log sum_n p_t - log N  (the M-step, accumulated chunk by chunk in log space).
-    Outputs z = p_T C (N, D), log Q_T (K,), hard codes argmax p_T, and (optionally) soft counts N Q_T and
-    sums p_T^T e for an EMA codebook (statistics: no gradient). Backward recomputes each chunk (or reuses it when
+    Outputs z = p_T C (N, D), log Q_T (K,), hard codes argmax p_T, (optionally) soft counts N Q_T and sums
+    p_T^T e for an EMA codebook, the mean row entropy H_p = mean_n H(p_T(.|e_n)) and the mean max_k p_T
+    (statistics, counts, sums and max p carry no gradient; H_p does). Backward recomputes each chunk (or reuses it when
     all chunks fit `cache_limit` elements) and runs `_ba_backward_iteration` from the last iteration to the first,
     so the gradient flows through every log Q_{t-1} as autograd's would through the direct formula.
 
@@ -691,6 +702,7 @@ class _BAAssign(torch.autograd.Function):
         # log of the number of rows on all ranks (a rank's slice of a ragged validation batch may be empty)
         log_N = math.log(N) if world == 1 else dist_sum_(torch.tensor(float(N), device=e.device)).log()
         e1 = _with_ones(e)  # (N, D+1)
+        H_sum, max_p_sum = e.new_zeros(()), e.new_zeros(())
         for t in range(iters):
             last = t == iters - 1
             lse = torch.full((K,), -math.inf, device=e.device)  # log sum_n p_nk over the chunks so far
@@ -706,16 +718,22 @@ class _BAAssign(torch.autograd.Function):
                     idx[s:s + chunk] = row_argmax(logits)[1]
                     if want_sums:
                         sums.addmm_(p.t(), e[s:s + chunk])
+                    max_p = p.amax(1)  # (chunk,)
+                    # H(p_n) = logsumexp_k l_nk - sum_k p_nk l_nk, the logsumexp being max_k l_nk - log max_k p_nk
+                    H_sum += (logits.amax(1) - max_p.log() - (p * logits).sum(1)).sum()
+                    max_p_sum += max_p.sum()
             log_Qs.append(_dist_logsumexp(lse) - log_N)
         ctx.save_for_backward(e, C, z, *log_Qs)
         ctx.saved_p = saved if cache else None
         ctx.cfg = (beta, iters, chunk, world, log_N)
         counts = log_Qs[-1].exp() * N  # this rank's share N Q of the soft counts: summed over ranks, N_global Q
-        ctx.mark_non_differentiable(*(t for t in (idx, counts, sums) if t is not None))
-        return z, log_Qs[-1], idx, counts, sums
+        # H_p and max p are means over this rank's rows: DDP's mean over ranks makes them the global batch's
+        H_p, max_p = H_sum / max(N, 1), max_p_sum / max(N, 1)
+        ctx.mark_non_differentiable(*(t for t in (idx, counts, sums, max_p) if t is not None))
+        return z, log_Qs[-1], idx, counts, sums, H_p, max_p
 
     @staticmethod
-    def backward(ctx, g_z, g_logQ, _g_idx, _g_counts, _g_sums):
+    def backward(ctx, g_z, g_logQ, _g_idx, _g_counts, _g_sums, g_H, _g_max_p):
         e, C, z, *log_Qs = ctx.saved_tensors
         beta, iters, chunk, world, log_N = ctx.cfg
         g_e = torch.zeros_like(e)
@@ -726,8 +744,9 @@ class _BAAssign(torch.autograd.Function):
         for t in reversed(range(iters)):
             it = _BAIteration(e, C, log_Qs[t], log_Qs[t + 1], log_N, beta, chunk,
                               ctx.saved_p[t] if ctx.saved_p is not None else None)
-            g_z_t = g_z if t == iters - 1 else None  # z = p_T C carries gradient to the last iteration only
-            g_lq = it.backward(g_z_t, z, g_lq, g_e, g_C, want_prev=t > 0)
+            last = t == iters - 1  # z = p_T C and H_p carry gradient to the last iteration only
+            g_lq = it.backward(g_z if last else None, z, g_lq, g_e, g_C, want_prev=t > 0,
+                               g_H=g_H if last and g_H is not None and bool(g_H != 0) else None)
             if t > 0:  # log Q_{t-1} is global too: its adjoint sums the column sums of every rank's rows
                 g_lq = rank_sum(g_lq)
         return g_e, g_C, None, None, None, None, None, None
@@ -747,6 +766,8 @@ class _BAIteration:
         dL/de_n         = 2 beta sum_k dL/dl_nk c_k  (the -beta ||e_n||^2 term adds (row sum) e_n = 0)
         dL/dc_k         = sum_n p_nk g_z_n  +  2 beta sum_n dL/dl_nk e_n  -  2 beta c_k sum_n dL/dl_nk
         dL/dlog Q_{t-1} = sum_n dL/dl_nk             (log Q_{t-1,k} enters every row's logit for k)
+    With the adjoint g_H of H_p = mean_n H(p_n), H(p_n) = -sum_k p_nk log p_nk (last iteration only):
+        dL/dl_nk       += -(g_H / N) p_nk (log p_nk + H(p_n))      (rows again sum to zero)
     When some Q_t,k underflows (w_k = inf), p_nk w_k is formed in log space instead: g_q,k exp(log p_nk - log Q_t,k
     - log N).
     """
@@ -759,7 +780,7 @@ class _BAIteration:
     chunk: int
     saved_p: Optional[list[torch.Tensor]]  # this iteration's p, chunk by chunk, when forward kept them
 
-    def backward(self, g_z, z, g_q, g_e, g_C, want_prev: bool) -> torch.Tensor:
+    def backward(self, g_z, z, g_q, g_e, g_C, want_prev: bool, g_H=None) -> torch.Tensor:
         """Adds this iteration's share to g_e (N, D) and g_C (K, D) in place; returns dL/dlog Q_{t-1} (K,)."""
         e, C, beta = self.e, self.C, self.beta
         W = _ba_logit_weights(C, (C * C).sum(1), self.log_Q_prev, beta)  # (K, D+1)
@@ -783,6 +804,10 @@ class _BAIteration:
                 log_p = torch.log_softmax(e1[rows] @ W.t(), dim=1)
                 a = p * G + g_q * (log_p - self.log_Q - self.log_N).exp()  # p (G + w), before the normalisation
                 g_l = torch.addcmul(a, p, a.sum(1, keepdim=True), value=-1.0)
+            if g_H is not None:
+                log_p = torch.log_softmax(e1[rows] @ W.t(), dim=1)  # (chunk, K)
+                H = -(p * log_p).sum(1, keepdim=True)  # (chunk, 1)
+                g_l -= (g_H / len(e)) * p * (log_p + H)
             g_e[rows].addmm_(g_l, C, alpha=2.0 * beta)
             col = g_l.sum(0) if want_prev or g_C is not None else None  # (K,) sum_n dL/dl_nk
             if want_prev:
@@ -804,13 +829,33 @@ def _ba_logit_weights(C, c_sq, log_Q, beta):
 
 @register_quantizer("ba_vq")
 class BAQuantizer(CodebookQuantizer):
-    """Blahut-Arimoto soft quantizer (rate-distortion view of VQ; Blahut 1972, Arimoto 1972).
+    """Blahut-Arimoto quantizer (rate-distortion view of VQ; Blahut 1972, Arimoto 1972).
 
-    E-step p(k|e) ∝ Q(k) exp(-beta ||e - c_k||^2), M-step Q(k) = mean_n p(k|e_n), `ba_iters` times per forward,
-    Q starting uniform (marginal='batch') or from a running EMA of batch marginals (marginal='running').
-    Training: z_q = sum_k p(k|e) c_k, reached by the encoder's straight-through path; losses
-      commitment_weight ||e - sg(z_q)||^2 + codebook_weight ||z_q - sg(e)||^2 + entropy_weight (-H(Q)).
-    Evaluation: hard codes argmax p, z_q = c_argmax. beta follows a cosine schedule over the run (`schedule`).
+    E-step p(k|e) ∝ Q(k) exp(-beta d(e, c_k)), M-step Q(k) = mean_n p(k|e_n), `ba_iters` times per forward, Q
+    starting uniform (marginal='batch') or from a running EMA of batch marginals (marginal='running'). The soft
+    p drives the EMA codebook (soft counts and sums) and the usage term; four options decide the rest:
+
+    ba_forward   'hard': the decoder sees the code argmax_k p(k|e), the encoder's gradient crossing it by the
+                 straight-through estimator (or rotation): a discrete bottleneck in training as at evaluation.
+                 'soft' (seeds): z_q = sum_k p(k|e) c_k, a smooth function of e; evaluation then scores hard
+                 codes the decoder never saw in training.
+    usage_term   'mutual_info': -(H(Q) - E_n H(p(.|e_n))) = -I(code; e) under the batch: a diverse marginal AND
+                 confident assignments. 'entropy' (seeds): -H(Q), which a blurred p satisfies as well as a
+                 sharp one (uniform p over all codes gives the maximum).
+    beta_units   'relative': d = ||e - c||^2 / dbar, dbar a stop-gradient running mean of the squared distance to
+                 the assigned code. beta is then unit-free (a latent's nearest code sits at d ~ 1, and beta = 20
+                 means a code twice as far as typical is e^-20 less likely), so one schedule means the same for
+                 every arch, D, K and moment of training, and scaling latents and codes by a constant leaves p
+                 unchanged. (The alternative, beta in multiples of the critical beta_c = 1/(2 lambda_max) of
+                 deterministic annealing (Rose 1998), fixes only the first phase transition, not the sharpness at
+                 the end, and needs the latents' top eigenvalue every step.) 'absolute' (seeds): d = ||e - c||^2.
+    eval_codes   the code of a latent at evaluation, from that latent alone: 'running' = argmax_k log Q_run(k)
+                 - beta d(e, c_k), the MAP code under the running marginal (the training rule with the batch Q
+                 replaced by its running mean); 'nearest' = argmin_k ||e - c_k||^2; 'batch' (seeds) = argmax of
+                 p under the evaluated batch's own Q, so a code depends on the images around it.
+    Losses: commitment_weight ||e - sg(z_q)||^2 + codebook_weight ||z_q - sg(e)||^2 + entropy_weight * usage term.
+    beta follows a cosine schedule from beta_start to beta_end over the run (`schedule`).
+    The seeds' method is registered as `ba_seed` (soft, entropy, absolute, batch), whatever these options say.
     """
 
     @dataclass
@@ -824,11 +869,16 @@ class BAQuantizer(CodebookQuantizer):
         codebook_update: str
         marginal: str
         estimator: str
+        ba_forward: str
+        usage_term: str
+        beta_units: str
+        eval_codes: str
 
     def __init__(self, params: "BAQuantizer.Params", dim: int):
         super().__init__(params, dim, learnable=params.codebook_update == "grad")
         self.register_buffer("beta", torch.tensor(params.beta_start))
         self.register_buffer("log_Q_running", torch.full((self.K,), -math.log(self.K)))
+        self.register_buffer("d_mean", torch.zeros(()))  # running mean ||e - c_code||^2 (relative beta); 0: unset
         self._beta = None  # host copy of the beta buffer, so a step needs no device sync to read it
         self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_beta", None))
 
@@ -849,38 +899,83 @@ class BAQuantizer(CodebookQuantizer):
             self._beta = self.beta.item()
         return self._beta
 
+    def beta_per_sq_unit(self, e: torch.Tensor) -> float:
+        """beta in units of squared latent distance: beta itself (absolute), or beta / dbar (relative)."""
+        if self.hp.beta_units == "absolute":
+            return self.current_beta()
+        if self.training and not self.d_mean > 0:  # first step: dbar from this batch's nearest codes
+            idx = nearest_code(e, self.codebook.detach(), self.hp.chunk_size)
+            self.d_mean.copy_(dist_sum_((e - self.codebook.detach()[idx]).square().sum(1).mean()) / _world())
+        return self.current_beta() / max(self.d_mean.item(), 1e-30)
+
     def forward(self, z: torch.Tensor):
         hp = self.hp
         with _no_autocast(z.device.type):
             e = self._flatten(z)  # (N, D)
             if self.needs_init():
                 self._kmeans_init(e.detach())
+            beta = self.beta_per_sq_unit(e.detach())
             # a copy: the running marginal is updated in place after this forward, backward needs what it saw
             log_Q0 = (self.log_Q_running.clone() if hp.marginal == "running"
                       else torch.full_like(self.log_Q_running, -math.log(self.K)))
             ema = self.training and hp.codebook_update == "ema"
             # an EMA codebook is updated in place after this forward; backward needs the values it saw
             C = self.codebook.clone() if ema else self.codebook
-            z_soft, log_Q, idx, counts, sums = ba_assign(e, C, log_Q0, self.current_beta(), hp.ba_iters,
-                                                         hp.chunk_size, want_sums=ema)
-            z_q = z_soft if self.training else self.codebook[idx]  # evaluation reports the discrete model
+            z_soft, log_Q, idx, counts, sums, H_p, max_p = ba_assign(e, C, log_Q0, beta, hp.ba_iters,
+                                                                     hp.chunk_size, want_sums=ema)
+            if not self.training:
+                idx = self._eval_codes(e.detach(), idx, beta)
+            hard = hp.ba_forward == "hard" or not self.training  # evaluation reports the discrete model
+            z_q = self.codebook[idx] if hard else z_soft  # (N, D)
+            H_Q = entropy_from_log(log_Q)
             losses = {"commitment_loss": hp.commitment_weight * F.mse_loss(e, z_q.detach()),
-                      "codebook_loss": hp.codebook_weight * F.mse_loss(z_q, e.detach()),
-                      "entropy_loss": -hp.entropy_weight * entropy_from_log(log_Q)}
-            metrics = {**self._batch_metrics(idx, z), "beta": self.beta.clone()}
+                      "codebook_loss": hp.codebook_weight * F.mse_loss(z_q, e.detach())}
+            if hp.usage_term == "entropy":
+                losses["entropy_loss"] = -hp.entropy_weight * H_Q
+            else:
+                losses["mutual_info_loss"] = -hp.entropy_weight * (H_Q - H_p)
+            metrics = {**self._batch_metrics(idx, z), "beta": self.beta.clone(), "max_p": max_p,
+                       "H_p": H_p.detach(), "H_Q": H_Q.detach(), "mutual_info": (H_Q - H_p).detach()}
+            if not self.training:  # the decoder on z_soft: soft PSNR, a diagnostic (the headline is hard codes)
+                metrics["z_soft"] = self._unflatten(z_soft, z)
             if self.training:
-                self._update(counts, sums, log_Q.detach(), ema)
+                self._update(counts, sums, log_Q.detach(), ema, e.detach(), idx)
                 if hp.dead_code_threshold > 0:
                     metrics["restarts"] = self._restart_dead(e.detach())
             out = straight_through(e, z_q, hp.estimator)
         return self._unflatten(out, z).to(z.dtype), losses, metrics
 
     @torch.no_grad()
-    def _update(self, counts, sums, log_Q, ema: bool):
+    def _eval_codes(self, e: torch.Tensor, batch_map: torch.Tensor, beta: float) -> torch.Tensor:
+        if self.hp.eval_codes == "batch":
+            return batch_map
+        if self.hp.eval_codes == "nearest":
+            return nearest_code(e, self.codebook, self.hp.chunk_size)
+        # argmax_k log Q_run,k - beta ||e - c_k||^2 = argmax_k 2 e.c_k - ||c_k||^2 + log Q_run,k / beta
+        return nearest_code(e, self.codebook, self.hp.chunk_size, bias=self.log_Q_running / beta)
+
+    @torch.no_grad()
+    def _update(self, counts, sums, log_Q, ema: bool, e, idx):
+        hp = self.hp
+        d = hp.decay
+        # dbar and Q_run from the codebook this forward used (before the EMA step moves it)
+        if hp.beta_units == "relative":
+            d_batch = dist_sum_((e - self.codebook[idx]).square().sum(1).mean()) / _world()
+            self.d_mean.mul_(d).add_(d_batch, alpha=1 - d)
         self._ema_update(counts, sums, update_codebook=ema)
-        if self.hp.marginal == "running":  # Q_run <- decay Q_run + (1 - decay) Q_batch, in log space
-            d = self.hp.decay
+        if hp.marginal == "running" or hp.eval_codes == "running":  # Q_run <- d Q_run + (1 - d) Q_batch, in logs
             self.log_Q_running.copy_(torch.logaddexp(self.log_Q_running + math.log(d), log_Q + math.log(1 - d)))
+
+
+@register_quantizer("ba_seed")
+class BASeedQuantizer(BAQuantizer):
+    """The seeds' Blahut-Arimoto method, kept exactly: soft forward, -H(Q), beta in squared latent units, and
+    evaluation codes from the evaluated batch's own Q (tests/test_ba_modes.py holds its outputs from before the
+    options existed). Only the four options differ from `ba_vq`; every other hyperparameter is shared."""
+    SEED_OPTIONS = {"ba_forward": "soft", "usage_term": "entropy", "beta_units": "absolute", "eval_codes": "batch"}
+
+    def __init__(self, params: "BAQuantizer.Params", dim: int):
+        super().__init__(dataclasses.replace(params, **self.SEED_OPTIONS), dim)
 
 
 # ################################################################################################################
@@ -1253,9 +1348,15 @@ def validate(model: VQVAE, batches: Batches, autocast=None) -> dict:
         # every rank runs every batch, even an empty slice of the ragged last one: quantizers may reduce over ranks
         with autocast or torch.autocast(x.device.type, enabled=False):
             x_hat, recon_loss, quant_losses, metrics = model(x)
+            x_soft = model.decoder(metrics["z_soft"]).float() if "z_soft" in metrics else None
         terms = {"recon_loss": recon_loss, **quant_losses}
         terms["loss"] = sum(terms.values())
         terms["clamped_mse"] = F.mse_loss(x_hat.float().clamp(-1, 1), x)
+        if x_soft is not None:
+            terms["soft_clamped_mse"] = F.mse_loss(x_soft.clamp(-1, 1), x)
+        # every scalar the quantizer reports, image-weighted; perplexity and usage are recomputed below from the
+        # whole set's histogram, and report() has the last word on its own keys
+        terms.update({k: v for k, v in metrics.items() if torch.is_tensor(v) and v.dim() == 0})
         for k, v in terms.items():  # image-weighted; an empty slice's means are NaN and add nothing
             sums[k] = sums.get(k, 0) + (v.float() * len(x) if len(x) else torch.zeros((), device=x.device))
         counts += code_histogram(metrics["code_indices"], K)
@@ -1265,6 +1366,8 @@ def validate(model: VQVAE, batches: Batches, autocast=None) -> dict:
     dist_sum_(counts)
     result = dict(zip(names, (totals[:-1] / totals[-1]).tolist()))
     result["psnr"] = psnr_from_mse(result.pop("clamped_mse"))
+    if "soft_clamped_mse" in result:
+        result["soft_psnr"] = psnr_from_mse(result.pop("soft_clamped_mse"))
     result.update({k: float(v) for k, v in codebook_stats(counts).items()})
     result["dead_codes"] = int(result["dead_codes"])
     result.update(model.quantizer.report())
@@ -1509,8 +1612,9 @@ def _with_ones(e):
 CPU_TILE = 1024  # nearest-code search on CPU: (1024 rows, 1024 codes) score tiles, 4 MiB, stay in cache
 
 
-def nearest_code(e: torch.Tensor, C: torch.Tensor, chunk: int) -> torch.Tensor:
+def nearest_code(e: torch.Tensor, C: torch.Tensor, chunk: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """argmin_k ||e_n - c_k||^2 for each row of e (the first such k), never holding more than (chunk, K) scores.
+    With `bias` (K,): argmax_k 2 e.c_k - ||c_k||^2 + bias_k, i.e. argmin_k ||e_n - c_k||^2 - bias_k.
 
     On CPU the search is tiled over codes as well, keeping a running best per row: a whole (rows, K) block
     either leaves the cache (K large, rows many) or makes a GEMM too thin to run fast (K large, rows few);
@@ -1520,7 +1624,7 @@ def nearest_code(e: torch.Tensor, C: torch.Tensor, chunk: int) -> torch.Tensor:
     rows, tile = (min(chunk, CPU_TILE), CPU_TILE) if e.device.type == "cpu" else (chunk, K)
     # [e, 1] W^T = 2 e.c - ||c||^2 = ||e||^2 - ||e - c||^2: the nearest code has the largest score, one GEMM
     W = _with_ones(2.0 * C)
-    W[:, -1] = -(C * C).sum(1)
+    W[:, -1] = -(C * C).sum(1) if bias is None else bias - (C * C).sum(1)  # bias (K,): a MAP prior term
     e1 = _with_ones(e)
     idx = torch.empty(N, dtype=torch.long, device=e.device)
     for s in range(0, N, rows):

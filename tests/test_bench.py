@@ -43,7 +43,7 @@ def test_quick_json_has_every_case_with_positive_times(quick):
         assert r["peak_mib"] is None or r["peak_mib"] >= 0
     train = result["training"]
     assert {(r["arch"], r["quantizer"]) for r in train} == {(a, q) for a in ("residual", "compact")
-                                                            for q in ("vq_ema", "ba_vq")}
+                                                            for q in ("vq_ema", "ba_vq", "ba_seed")}
     assert all(r["images_per_s"] > 0 and r["ms_per_step"] > 0 for r in train)
 
 

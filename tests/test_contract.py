@@ -74,9 +74,10 @@ def test_params_name_only_config_fields_and_each_quantizer_gets_its_own():
     for name, cls in vqvae.QUANTIZERS.items():
         fields = {f.name for f in dataclasses.fields(cls.Params)}
         assert fields <= set(vqvae.config_fields()), name
-        q = vqvae.make_quantizer(vqvae.Config(quantizer=name, codebook_size=8), 4)
-        assert dataclasses.asdict(q.hp) == {k: getattr(vqvae.Config(quantizer=name, codebook_size=8), k)
-                                             for k in fields}
+        cfg = vqvae.Config(quantizer=name, codebook_size=8)
+        expected = {k: getattr(cfg, k) for k in fields}
+        expected.update(getattr(cls, "SEED_OPTIONS", {}))  # ba_seed: the seeds' method, whatever the options say
+        assert dataclasses.asdict(vqvae.make_quantizer(cfg, 4).hp) == expected
     assert "beta_start" not in {f.name for f in dataclasses.fields(vqvae.VQEMAQuantizer.Params)}
     with pytest.raises(TypeError, match="Config fields"):
         @dataclasses.dataclass

@@ -274,7 +274,7 @@ def test_resume_drops_records_after_the_checkpoint_and_a_cut_line(tmp_path):
 
 # -- numerical safety -----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("term, log_every", [("recon_loss", 1), ("entropy_loss", 100), ("grad_norm", 1)])
+@pytest.mark.parametrize("term, log_every", [("recon_loss", 1), ("mutual_info_loss", 100), ("grad_norm", 1)])
 def test_nan_stops_naming_step_and_term_and_keeps_last_checkpoint(term, log_every, data_dir, tmp_path,
                                                                   monkeypatch, capsys):
     """NaN injected into one loss term (or only into the gradients) at one step of epoch 2. With log_every=100

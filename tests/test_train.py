@@ -39,9 +39,9 @@ def test_end_to_end_writes_every_file(ba_run):
         assert (ba_run / name).is_file(), name
     final = json.loads((ba_run / "final_metrics.json").read_text())
     for key in ["loss", "recon_loss", "psnr", "perplexity", "usage_rate", "dead_codes", "commitment_loss",
-                "entropy_loss", "beta"]:
+                "mutual_info_loss", "beta", "soft_psnr", "max_p", "mutual_info"]:
         assert key in final, key
-    assert final["beta"] == pytest.approx(3.0)  # schedule reached beta_end at the last step
+    assert final["beta"] == pytest.approx(vqvae.Config.beta_end)  # schedule reached beta_end at the last step
     records = runs.read_jsonl(ba_run / "metrics.jsonl")
     steps = [r for r in records if "train/perplexity" in r]
     epochs = [r for r in records if "val/psnr" in r]
@@ -73,7 +73,7 @@ def test_load_checkpoint_round_trip(ba_run):
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x)[0], final_model(x)[0])
-    assert model.quantizer.current_beta() == pytest.approx(3.0)  # beta buffer travels with the checkpoint
+    assert model.quantizer.current_beta() == pytest.approx(vqvae.Config.beta_end)  # beta buffer travels with the checkpoint
 
 
 def test_resume_continues_to_the_same_result(tmp_path):

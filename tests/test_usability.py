@@ -26,7 +26,7 @@ def test_step_and_epoch_records_never_share_a_key_at_one_step(tmp_path):
         by_step.setdefault(r["step"], []).extend(k for k in r if k not in ("step", "epoch"))
     assert all(len(keys) == len(set(keys)) for keys in by_step.values())
     epoch = next(r for r in records if "val/psnr" in r)
-    assert {"train_epoch/loss", "train_epoch/entropy_loss", "train_epoch/perplexity"} <= set(epoch)
+    assert {"train_epoch/loss", "train_epoch/mutual_info_loss", "train_epoch/max_p", "train_epoch/perplexity"} <= set(epoch)
     assert not any(k.startswith("train/") for k in epoch)
 
 
@@ -83,8 +83,10 @@ def test_schedule_progress_reanchors_without_a_jump():
 def test_ba_statistics_carry_no_gradient():
     e = torch.randn(50, 4, requires_grad=True)
     C = torch.randn(8, 4, requires_grad=True)
-    z, log_Q, idx, counts, sums = vqvae.ba_assign(e, C, torch.full((8,), -2.0794), 1.0, 2, 16, want_sums=True)
+    z, log_Q, idx, counts, sums, H_p, max_p = vqvae.ba_assign(e, C, torch.full((8,), -2.0794), 1.0, 2, 16,
+                                                              want_sums=True)
     assert z.requires_grad and log_Q.requires_grad
+    assert H_p.requires_grad and not max_p.requires_grad
     assert not counts.requires_grad and not sums.requires_grad and not idx.requires_grad
 
 

@@ -1,0 +1,133 @@
+"""BA's options: the seeds' mode kept exactly, codes that depend on the image alone, unit-free beta, the MI term."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import vqvae
+
+REFERENCE = Path(__file__).parent / "data" / "ba_seed_reference.pt"
+
+
+def make_q(kind="ba_vq", K=24, D=6, **overrides):
+    return vqvae.make_quantizer(vqvae.Config(quantizer=kind, codebook_size=K, kmeans_iters=3, **overrides), D)
+
+
+def test_seed_mode_reproduces_the_outputs_recorded_before_the_options():
+    """tests/data/ba_seed_reference.pt holds the seeds' BA (then `ba_vq`) on a fixed input, made at the commit
+    before these options by tools/make_ba_seed_reference.py; `ba_seed` must still give it."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("ref", Path(__file__).parents[1] / "tools" / "make_ba_seed_reference.py")
+    ref_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref_module)
+    for expected, settings in zip(torch.load(REFERENCE), ref_module.SETTINGS):
+        got = ref_module.outputs("ba_seed", settings)
+        for part in ("step0", "step1", "eval"):
+            torch.testing.assert_close(got[part]["z_q"], expected[part]["z_q"], rtol=1e-6, atol=1e-6)
+            assert torch.equal(got[part]["codes"], expected[part]["codes"])
+            assert got[part]["losses"].keys() == expected[part]["losses"].keys()
+            for k, v in expected[part]["losses"].items():
+                torch.testing.assert_close(got[part]["losses"][k], v, rtol=1e-6, atol=1e-7)
+            if "z_grad" in expected[part]:
+                torch.testing.assert_close(got[part]["z_grad"], expected[part]["z_grad"], rtol=1e-5, atol=1e-7)
+        for k, v in expected["state"].items():
+            torch.testing.assert_close(got["state"][k], v, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("eval_codes", ["running", "nearest"])
+@pytest.mark.parametrize("ba_iters", [1, 3])
+def test_evaluation_code_of_an_image_does_not_depend_on_its_batch(eval_codes, ba_iters):
+    torch.manual_seed(0)
+    q = make_q(eval_codes=eval_codes, ba_iters=ba_iters).train()
+    q.schedule(0.5)
+    for seed in range(3):  # k-means, then a running marginal and dbar that are not uniform / trivial
+        q(torch.randn(16, 6, 4, 4, generator=torch.Generator().manual_seed(seed)))
+    q.eval()
+    z = torch.randn(128, 6, 2, 2, generator=torch.Generator().manual_seed(9))
+    whole = q(z)[2]["code_indices"]
+    in_16s = torch.cat([q(z[i:i + 16])[2]["code_indices"] for i in range(0, 128, 16)])
+    alone = torch.cat([q(z[i:i + 1])[2]["code_indices"] for i in range(0, 8)])
+    assert torch.equal(whole, in_16s) and torch.equal(whole[:8], alone)
+    seed_q = make_q("ba_seed", ba_iters=ba_iters)
+    seed_q.load_state_dict(q.state_dict())
+    seed_q.eval()
+    batch_codes = [seed_q(z[i:i + 16])[2]["code_indices"] for i in range(0, 128, 16)]
+    if ba_iters > 1:  # the seeds' rule is the one that depends on the batch
+        assert not torch.equal(seed_q(z)[2]["code_indices"], torch.cat(batch_codes))
+
+
+def test_running_map_code_is_the_argmax_of_log_q_minus_beta_d():
+    torch.manual_seed(0)
+    q = make_q().train()
+    q.schedule(0.3)
+    q(torch.randn(16, 6, 4, 4))
+    q.log_Q_running.copy_(torch.log_softmax(torch.randn(24), 0))  # a clearly non-uniform prior
+    q.eval()
+    z = torch.randn(8, 6, 2, 2)
+    e = vqvae.Quantizer._flatten(z)
+    beta = q.current_beta() / q.d_mean.item()
+    expected = (q.log_Q_running - beta * torch.cdist(e, q.codebook) ** 2).argmax(1)
+    assert torch.equal(q(z)[2]["code_indices"].reshape(-1), expected)
+
+
+def test_relative_beta_gives_the_same_p_when_latents_and_codes_are_scaled():
+    def soft(scale):
+        torch.manual_seed(0)
+        q = make_q(ba_forward="soft", ba_iters=2).train()
+        q.schedule(0.7)
+        z = scale * torch.randn(8, 6, 4, 4, generator=torch.Generator().manual_seed(1))
+        z_q, losses, m = q(z)  # k-means on z: the codebook scales with it
+        return z_q / scale, m["max_p"], m["H_p"], losses["mutual_info_loss"]
+    for a, b in zip(soft(1.0), soft(37.0)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+@pytest.mark.parametrize("iters", [1, 2])
+def test_mutual_information_gradient_equals_autograd_of_the_direct_formula(iters, cache):
+    g = torch.Generator().manual_seed(iters)
+    e0, C0 = torch.randn(120, 5, generator=g, dtype=torch.float64), torch.randn(16, 5, generator=g, dtype=torch.float64)
+    log_Q0 = torch.full((16,), -math.log(16), dtype=torch.float64)
+
+    def mi_grads(assign):
+        e, C = e0.clone().requires_grad_(), C0.clone().requires_grad_()
+        log_Q, H_p = assign(e, C)
+        (-(vqvae.entropy_from_log(log_Q) - H_p)).backward()
+        return H_p.detach(), e.grad, C.grad
+
+    def chunked(e, C):
+        out = vqvae.ba_assign(e, C, log_Q0, 1.3, iters, chunk=32, cache_limit=1 << 30 if cache else 0)
+        return out[1], out[5]
+
+    def direct(e, C):
+        _, log_Q, _, p = vqvae.ba_assign_direct(e, C, log_Q0, 1.3, iters)
+        return log_Q, -torch.special.xlogy(p, p).sum(1).mean()
+
+    for a, b in zip(mi_grads(chunked), mi_grads(direct)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_max_p_and_row_entropy_statistics():
+    g = torch.Generator().manual_seed(0)
+    e, C = torch.randn(200, 4, generator=g), torch.randn(10, 4, generator=g)
+    log_Q0 = torch.full((10,), -math.log(10))
+    out = vqvae.ba_assign(e, C, log_Q0, 2.0, 2, chunk=64)
+    p = vqvae.ba_assign_direct(e, C, log_Q0, 2.0, 2)[3]
+    torch.testing.assert_close(out[6], p.amax(1).mean())
+    torch.testing.assert_close(out[5], -torch.special.xlogy(p, p).sum(1).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_hard_forward_gives_the_decoder_codebook_vectors_in_training():
+    torch.manual_seed(0)
+    q = make_q().train()
+    z = torch.randn(4, 6, 3, 3, requires_grad=True)
+    C_before = q.codebook.clone()
+    z_q, losses, m = q(z)
+    q(z)  # k-means ran in the first call: compare with the codebook a second forward used
+    C = q.codebook.clone()
+    z_q, _, m = q(z)
+    torch.testing.assert_close(z_q, C[m["code_indices"]].permute(0, 3, 1, 2))
+    assert not torch.equal(C_before, C)
+    z_q.sum().backward()
+    torch.testing.assert_close(z.grad, torch.ones_like(z))  # straight-through to e
