@@ -6,6 +6,7 @@
 Sweep file:
     name: seed_ablation            # folder under out_dir (default: the file's stem)
     base: {arch: compact, ...}     # config keys shared by every experiment
+    seeds: [1337, 1, 2]            # optional: every experiment once per seed, as <name>_s<seed>
     experiments:
       - {name: baseline, key_change: Standard VQ, quantizer: vq_ema}
       - ...
@@ -32,12 +33,20 @@ HEADLINE_COLUMNS = ["psnr", "perplexity", "usage_rate", "dead_codes", "wall_time
 
 def read_sweep(path: str | Path) -> dict:
     spec = vqvae.read_yaml(path)
-    unknown = set(spec) - {"name", "base", "experiments"}
+    unknown = set(spec) - {"name", "base", "seeds", "experiments"}
     if unknown:
-        raise UserError(f"{path}: unknown sweep keys {sorted(unknown)} (expected name, base, experiments)")
+        raise UserError(f"{path}: unknown sweep keys {sorted(unknown)} (expected name, base, seeds, experiments)")
     experiments = spec.get("experiments") or []
     if not experiments or not all(isinstance(e, dict) and e.get("name") for e in experiments):
         raise UserError(f"{path}: 'experiments' must be a list of mappings, each with a name")
+    seeds = spec.get("seeds")
+    if seeds is not None:
+        if not (isinstance(seeds, list) and seeds and all(type(s) is int for s in seeds)):
+            raise UserError(f"{path}: 'seeds' must be a non-empty list of integers")
+        if any("seed" in e for e in experiments):
+            raise UserError(f"{path}: give seeds either in 'seeds' or per experiment, not both")
+        # seed-major order: a sweep stopped early has every experiment at the first seeds
+        experiments = [{**e, "name": f"{e['name']}_s{s}", "seed": s} for s in seeds for e in experiments]
     names = [e["name"] for e in experiments]
     if len(set(names)) != len(names):
         raise UserError(f"{path}: experiment names must be unique")

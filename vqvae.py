@@ -97,7 +97,8 @@ class Config:
     epsilon: float = _f(1e-5, "Laplace smoothing of EMA cluster sizes")
     kmeans_init: bool = _f(True, "initialise codes by k-means++ and Lloyd on the first training batch")
     kmeans_iters: int = _f(10, "Lloyd iterations of the k-means initialisation")
-    dead_code_threshold: float = _f(0.0, "restart codes whose EMA cluster size falls below this (0: off)")
+    dead_code_threshold: float = _f(0.0, "restart codes that are the hard code of fewer vectors per step (EMA) "
+                                         "than this (0: off)")
     estimator: Literal["ste", "rotation"] = _f("ste", "gradient to the encoder: straight-through or rotation trick")
     chunk_size: int = _f(4096, "encoder vectors per chunk in distance and soft-assignment passes")
     # optimisation
@@ -555,16 +556,22 @@ class CodebookQuantizer(Quantizer):
 
     @torch.no_grad()
     def _restart_dead(self, e: torch.Tensor) -> torch.Tensor:
-        """Re-seed codes whose EMA cluster size fell below the threshold from random encoder vectors."""
+        """Re-seed codes whose EMA use count fell below the threshold from random encoder vectors."""
         threshold = self.hp.dead_code_threshold
-        dead = self.ema_count < threshold
+        use = self._use_count()
+        dead = use < threshold
         n_dead = dead.sum()
         if n_dead.item() == 0:
             return n_dead
         self.codebook.data[dead] = _random_rows(e, int(n_dead))
         self.ema_count[dead] = threshold  # at the threshold: alive until it decays unused
+        use[dead] = threshold
         self._resync_sums()
         return n_dead
+
+    def _use_count(self) -> torch.Tensor:
+        """EMA of how many vectors a code was assigned per step, by which a code is judged dead (K,)."""
+        return self.ema_count
 
 
 def kmeans(e: torch.Tensor, K: int, iters: int, chunk: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -879,6 +886,9 @@ class BAQuantizer(CodebookQuantizer):
         self.register_buffer("beta", torch.tensor(params.beta_start))
         self.register_buffer("log_Q_running", torch.full((self.K,), -math.log(self.K)))
         self.register_buffer("d_mean", torch.zeros(()))  # running mean ||e - c_code||^2 (relative beta); 0: unset
+        # EMA of HARD code counts: the soft counts in ema_count keep a code that is never anyone's code alive on
+        # the mass it gets as a runner-up (all codes, while beta is small), so restarts judge by these instead
+        self.register_buffer("use_count", torch.ones(self.K))
         self._beta = None  # host copy of the beta buffer, so a step needs no device sync to read it
         self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_beta", None))
 
@@ -945,6 +955,14 @@ class BAQuantizer(CodebookQuantizer):
             out = straight_through(e, z_q, hp.estimator)
         return self._unflatten(out, z).to(z.dtype), losses, metrics
 
+    def _use_count(self) -> torch.Tensor:
+        return self.use_count
+
+    @torch.no_grad()
+    def _kmeans_init(self, e: torch.Tensor):
+        super()._kmeans_init(e)
+        self.use_count.copy_(self.ema_count)  # k-means cluster sizes are hard counts
+
     @torch.no_grad()
     def _eval_codes(self, e: torch.Tensor, batch_map: torch.Tensor, beta: float) -> torch.Tensor:
         if self.hp.eval_codes == "batch":
@@ -963,6 +981,7 @@ class BAQuantizer(CodebookQuantizer):
             d_batch = dist_sum_((e - self.codebook[idx]).square().sum(1).mean()) / _world()
             self.d_mean.mul_(d).add_(d_batch, alpha=1 - d)
         self._ema_update(counts, sums, update_codebook=ema)
+        self.use_count.mul_(d).add_(dist_sum_(torch.bincount(idx, minlength=self.K).to(e.dtype)), alpha=1 - d)
         if hp.marginal == "running" or hp.eval_codes == "running":  # Q_run <- d Q_run + (1 - d) Q_batch, in logs
             self.log_Q_running.copy_(torch.logaddexp(self.log_Q_running + math.log(d), log_Q + math.log(1 - d)))
 
@@ -1026,6 +1045,45 @@ def psnr_from_mse(mse: float, data_range: float = 2.0) -> float:
 def psnr(x: torch.Tensor, x_hat: torch.Tensor, data_range: float = 2.0) -> float:
     """PSNR of x_hat clamped to the image range [-1, 1], as a deployed model's output would be displayed."""
     return psnr_from_mse(F.mse_loss(x_hat.float().clamp(-1, 1), x.float()).item(), data_range)
+
+
+def psnr_per_image(x: torch.Tensor, x_hat: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+    """PSNR of each image (B,) in dB, output clamped to [-1, 1]; an exact copy reads 100 dB (MSE floored at 1e-10
+    of the range squared). Its mean weights every image alike, where `psnr` pools the squared error first."""
+    mse = (x_hat.float().clamp(-1, 1) - x.float()).square().flatten(1).mean(1)
+    return 10.0 * torch.log10(data_range ** 2 / mse.clamp_min(1e-10 * data_range ** 2))
+
+
+def _gaussian_window(size: int, sigma: float, device) -> torch.Tensor:
+    t = torch.arange(size, dtype=torch.float32, device=device) - (size - 1) / 2
+    g = torch.exp(-t.square() / (2 * sigma ** 2))
+    return g / g.sum()
+
+
+def ssim(x: torch.Tensor, x_hat: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """SSIM of each image (B,) on the [0, 1] scale (Wang et al. 2004): Gaussian window 11, sigma 1.5, K1 0.01,
+    K2 0.03, population (co)variances, the mean over channels and over the positions where the window fits
+    (scikit-image's structural_similarity with gaussian_weights=True, use_sample_covariance=False, data_range=1).
+    Inputs in [-1, 1] (B, C, H, W); the output is clamped to that range first, as displayed.
+
+        SSIM = (2 mu_x mu_y + C1)(2 s_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(s_x^2 + s_y^2 + C2)),  C_i = (K_i * 1)^2
+    """
+    a = (x.float() + 1) / 2
+    b = (x_hat.float().clamp(-1, 1) + 1) / 2
+    C = a.shape[1]
+    g = _gaussian_window(window, sigma, a.device)
+    kernel = (g[:, None] * g[None, :]).expand(C, 1, window, window)
+
+    def blur(t):  # per-channel weighted mean over each window position, no padding
+        return F.conv2d(t, kernel, groups=C)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a.square()
+    var_b = blur(b * b) - mu_b.square()
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = (2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a.square() + mu_b.square() + c1) * (var_a + var_b + c2))
+    return s.flatten(1).mean(1)
 
 
 def codebook_stats(counts: torch.Tensor) -> dict:
@@ -1337,7 +1395,8 @@ def epoch_line(epoch: int, epochs: int, train_means: dict, val: dict, seconds: f
 def validate(model: VQVAE, batches: Batches, autocast=None) -> dict:
     """Metrics over the WHOLE validation set, with the discrete (hard-code) model in eval mode; the model's
     train/eval mode is restored afterwards. recon_loss is the MSE of the raw output (the training objective);
-    psnr that of the output clamped to the image range [-1, 1], on the [0, 1] scale."""
+    psnr that of the output clamped to the image range [-1, 1], on the [0, 1] scale, from the set's pooled MSE;
+    psnr_per_image the mean of each image's PSNR; ssim the mean SSIM (all of the clamped output)."""
     was_training = model.training
     model.eval()
     K = model.quantizer.K
@@ -1352,6 +1411,8 @@ def validate(model: VQVAE, batches: Batches, autocast=None) -> dict:
         terms = {"recon_loss": recon_loss, **quant_losses}
         terms["loss"] = sum(terms.values())
         terms["clamped_mse"] = F.mse_loss(x_hat.float().clamp(-1, 1), x)
+        terms["psnr_per_image"] = psnr_per_image(x, x_hat).mean()
+        terms["ssim"] = ssim(x, x_hat).mean()
         if x_soft is not None:
             terms["soft_clamped_mse"] = F.mse_loss(x_soft.clamp(-1, 1), x)
         # every scalar the quantizer reports, image-weighted; perplexity and usage are recomputed below from the

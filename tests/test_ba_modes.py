@@ -1,4 +1,6 @@
 """BA's options: the seeds' mode kept exactly, codes that depend on the image alone, unit-free beta, the MI term."""
+import copy
+import dataclasses
 import math
 from pathlib import Path
 
@@ -131,3 +133,20 @@ def test_hard_forward_gives_the_decoder_codebook_vectors_in_training():
     assert not torch.equal(C_before, C)
     z_q.sum().backward()
     torch.testing.assert_close(z.grad, torch.ones_like(z))  # straight-through to e
+
+
+def test_restarts_judge_a_ba_code_by_its_hard_use_not_its_soft_mass():
+    """A code that is every latent's runner-up holds soft mass but is nobody's code: restarts must see it dead."""
+    q = make_q(K=2, D=2, kmeans_init=False, dead_code_threshold=0.5, decay=0.1, beta_start=1.0, beta_end=1.0)
+    e = -(torch.randn(64, 2) * 0.01).abs()  # latents near the origin, on code 0's side
+    q.codebook.copy_(torch.tensor([[0.0, 0.0], [0.05, 0.0]]))  # code 1: close (much soft mass), never nearest
+    q.ema_count.fill_(32.0)
+    q._resync_sums()
+    q.train()
+    no_restarts = copy.deepcopy(q)
+    no_restarts.hp = dataclasses.replace(q.hp, dead_code_threshold=0.0)
+    no_restarts(e[:, :, None, None])
+    assert no_restarts.ema_count[1] > 0.5  # alive by its soft mass ...
+    _, _, metrics = q(e[:, :, None, None])
+    assert int(metrics["restarts"]) == 1  # ... but restarted: it was nobody's hard code
+    assert q.use_count[1] == pytest.approx(0.5) and not torch.equal(q.codebook[1], torch.tensor([0.05, 0.0]))

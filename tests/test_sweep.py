@@ -74,3 +74,16 @@ def test_sweep_runs_skips_and_resumes(tmp_path):
     results = read_results(sweep_dir)
     assert set(results) == {"vq", "ba"} and float(results["ba"]["psnr"]) == pytest.approx(run["final"]["psnr"])
     assert [p.stat().st_mtime_ns for p in watched[:2]] == mtimes[:2]  # vq still untouched
+
+
+def test_seeds_key_runs_every_experiment_once_per_seed(tmp_path):
+    path = tmp_path / "seeded.yaml"
+    path.write_text(yaml.safe_dump({**TINY_SWEEP, "seeds": [3, 4]}))
+    configs = sweep.experiment_configs(sweep.read_sweep(path), None, {})
+    assert [(cfg.name, cfg.seed) for _, cfg in configs] == [("vq_s3", 3), ("ba_s3", 3), ("vq_s4", 4), ("ba_s4", 4)]
+    assert [k for k, _ in configs] == ["Standard VQ", "BA, 1 iter"] * 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**TINY_SWEEP, "seeds": [3], "experiments": [
+        {"name": "vq", "quantizer": "vq_ema", "seed": 5}]}))
+    with pytest.raises(sweep.UserError, match="not both"):
+        sweep.read_sweep(bad)
