@@ -82,23 +82,25 @@ class Config:
     codebook_weight: float = _f(1.0, "BA: weight of ||z_q - sg(e)||^2")
     entropy_weight: float = _f(0.01, "BA: weight of the usage term (usage_term), in nats")
     beta_start: float = _f(1.0, "BA: inverse temperature at the first step (in beta_units)")
-    beta_end: float = _f(30.0, "BA: inverse temperature at the last step (cosine schedule)")
+    beta_end: float = _f(100.0, "BA: inverse temperature at the last step (cosine schedule)")
     ba_iters: int = _f(1, "BA: E-M iterations per forward pass")
     ba_forward: Literal["hard", "soft"] = _f("hard", "BA: decoder sees the hard code (straight-through to e, p "
                                              "drives the statistics) or the soft mixture sum_k p c_k (seeds)")
     usage_term: Literal["mutual_info", "entropy"] = _f("mutual_info", "BA: -(H(Q) - E H(p(.|e))) or -H(Q) (seeds)")
     beta_units: Literal["relative", "absolute"] = _f("relative", "BA: beta per running mean nearest-code "
                                                      "distance, or per squared latent unit (seeds)")
-    eval_codes: Literal["running", "nearest", "batch"] = _f("running", "BA: evaluation code: MAP under the "
-                                                            "running Q, nearest code, or MAP under the batch's Q (seeds)")
+    eval_codes: Literal["auto", "running", "nearest", "batch"] = _f(
+        "auto", "BA: evaluation code: the training rule with a fixed prior (auto: nearest when training's prior is "
+        "uniform, i.e. marginal batch and ba_iters 1, else running), MAP under the running Q, the nearest code, or "
+        "MAP under the evaluated batch's Q (seeds)")
     codebook_update: Literal["ema", "grad"] = _f("ema", "BA: soft-weighted EMA codebook, or learned by the loss")
     marginal: Literal["batch", "running"] = _f("batch", "BA: Q starts uniform each forward, or an EMA across steps")
     decay: float = _f(0.99, "EMA decay of codebook statistics (and of the running marginal)")
     epsilon: float = _f(1e-5, "Laplace smoothing of EMA cluster sizes")
     kmeans_init: bool = _f(True, "initialise codes by k-means++ and Lloyd on the first training batch")
     kmeans_iters: int = _f(10, "Lloyd iterations of the k-means initialisation")
-    dead_code_threshold: float = _f(0.0, "restart codes that are the hard code of fewer vectors per step (EMA) "
-                                         "than this (0: off)")
+    dead_code_threshold: float = _f(1.0, "restart codes that are the hard code of fewer vectors per step (EMA) "
+                                         "than this (0: off, the seeds)")
     estimator: Literal["ste", "rotation"] = _f("ste", "gradient to the encoder: straight-through or rotation trick")
     chunk_size: int = _f(4096, "encoder vectors per chunk in distance and soft-assignment passes")
     # optimisation
@@ -858,8 +860,11 @@ class BAQuantizer(CodebookQuantizer):
                  the end, and needs the latents' top eigenvalue every step.) 'absolute' (seeds): d = ||e - c||^2.
     eval_codes   the code of a latent at evaluation, from that latent alone: 'running' = argmax_k log Q_run(k)
                  - beta d(e, c_k), the MAP code under the running marginal (the training rule with the batch Q
-                 replaced by its running mean); 'nearest' = argmin_k ||e - c_k||^2; 'batch' (seeds) = argmax of
-                 p under the evaluated batch's own Q, so a code depends on the images around it.
+                 replaced by its running mean); 'nearest' = argmin_k ||e - c_k||^2; 'auto' = the rule that equals
+                 training's: with marginal='batch' and ba_iters=1 the training prior is uniform, so training's
+                 code IS the nearest code, and MAP under Q_run (which favours frequent codes by log Q / beta)
+                 would score codes training did not pick; otherwise 'running'. 'batch' (seeds) =
+                 argmax of p under the evaluated batch's own Q, so a code depends on the images around it.
     Losses: commitment_weight ||e - sg(z_q)||^2 + codebook_weight ||z_q - sg(e)||^2 + entropy_weight * usage term.
     beta follows a cosine schedule from beta_start to beta_end over the run (`schedule`).
     The seeds' method is registered as `ba_seed` (soft, entropy, absolute, batch), whatever these options say.
@@ -963,11 +968,19 @@ class BAQuantizer(CodebookQuantizer):
         super()._kmeans_init(e)
         self.use_count.copy_(self.ema_count)  # k-means cluster sizes are hard counts
 
+    def eval_rule(self) -> str:
+        """eval_codes with 'auto' resolved: 'nearest' when training's prior is uniform, else 'running'."""
+        hp = self.hp
+        if hp.eval_codes != "auto":
+            return hp.eval_codes
+        return "nearest" if hp.marginal == "batch" and hp.ba_iters == 1 else "running"
+
     @torch.no_grad()
     def _eval_codes(self, e: torch.Tensor, batch_map: torch.Tensor, beta: float) -> torch.Tensor:
-        if self.hp.eval_codes == "batch":
+        rule = self.eval_rule()
+        if rule == "batch":
             return batch_map
-        if self.hp.eval_codes == "nearest":
+        if rule == "nearest":
             return nearest_code(e, self.codebook, self.hp.chunk_size)
         # argmax_k log Q_run,k - beta ||e - c_k||^2 = argmax_k 2 e.c_k - ||c_k||^2 + log Q_run,k / beta
         return nearest_code(e, self.codebook, self.hp.chunk_size, bias=self.log_Q_running / beta)
@@ -982,16 +995,18 @@ class BAQuantizer(CodebookQuantizer):
             self.d_mean.mul_(d).add_(d_batch, alpha=1 - d)
         self._ema_update(counts, sums, update_codebook=ema)
         self.use_count.mul_(d).add_(dist_sum_(torch.bincount(idx, minlength=self.K).to(e.dtype)), alpha=1 - d)
-        if hp.marginal == "running" or hp.eval_codes == "running":  # Q_run <- d Q_run + (1 - d) Q_batch, in logs
+        if hp.marginal == "running" or self.eval_rule() == "running":  # Q_run <- d Q_run + (1 - d) Q_batch, logs
             self.log_Q_running.copy_(torch.logaddexp(self.log_Q_running + math.log(d), log_Q + math.log(1 - d)))
 
 
 @register_quantizer("ba_seed")
 class BASeedQuantizer(BAQuantizer):
-    """The seeds' Blahut-Arimoto method, kept exactly: soft forward, -H(Q), beta in squared latent units, and
-    evaluation codes from the evaluated batch's own Q (tests/test_ba_modes.py holds its outputs from before the
-    options existed). Only the four options differ from `ba_vq`; every other hyperparameter is shared."""
-    SEED_OPTIONS = {"ba_forward": "soft", "usage_term": "entropy", "beta_units": "absolute", "eval_codes": "batch"}
+    """The seeds' Blahut-Arimoto method, kept exactly: soft forward, -H(Q), beta in squared latent units,
+    evaluation codes from the evaluated batch's own Q, and no dead-code restarts (tests/test_ba_modes.py holds its
+    outputs from before the options existed). Only these differ from `ba_vq`; every other hyperparameter (beta
+    schedule, ba_iters, weights) is shared, so the seeds' runs give theirs (sweeps/seed_ablation.yaml)."""
+    SEED_OPTIONS = {"ba_forward": "soft", "usage_term": "entropy", "beta_units": "absolute", "eval_codes": "batch",
+                    "dead_code_threshold": 0.0}
 
     def __init__(self, params: "BAQuantizer.Params", dim: int):
         super().__init__(dataclasses.replace(params, **self.SEED_OPTIONS), dim)

@@ -61,7 +61,7 @@ def test_evaluation_code_of_an_image_does_not_depend_on_its_batch(eval_codes, ba
 
 def test_running_map_code_is_the_argmax_of_log_q_minus_beta_d():
     torch.manual_seed(0)
-    q = make_q().train()
+    q = make_q(eval_codes="running").train()
     q.schedule(0.3)
     q(torch.randn(16, 6, 4, 4))
     q.log_Q_running.copy_(torch.log_softmax(torch.randn(24), 0))  # a clearly non-uniform prior
@@ -150,3 +150,28 @@ def test_restarts_judge_a_ba_code_by_its_hard_use_not_its_soft_mass():
     _, _, metrics = q(e[:, :, None, None])
     assert int(metrics["restarts"]) == 1  # ... but restarted: it was nobody's hard code
     assert q.use_count[1] == pytest.approx(0.5) and not torch.equal(q.codebook[1], torch.tensor([0.05, 0.0]))
+
+
+def test_seed_mode_has_no_restarts_whatever_the_config_says():
+    assert vqvae.Config().dead_code_threshold > 0  # restarts are on by default ...
+    assert make_q("ba_seed").hp.dead_code_threshold == 0  # ... and off in the seeds' method
+    assert make_q("ba_vq").hp.dead_code_threshold == vqvae.Config().dead_code_threshold
+
+
+@pytest.mark.parametrize("marginal,ba_iters,rule", [("batch", 1, "nearest"), ("batch", 2, "running"),
+                                                     ("running", 1, "running")])
+def test_auto_evaluation_codes_follow_the_training_rule(marginal, ba_iters, rule):
+    q = make_q(marginal=marginal, ba_iters=ba_iters)
+    assert q.hp.eval_codes == "auto" and q.eval_rule() == rule
+    if rule == "nearest":  # a uniform prior: training's hard code is the nearest code, and so is evaluation's
+        q.train()
+        e = torch.randn(64, 6)
+        q(e[:, :, None, None])  # k-means init, then a step of statistics
+        q.log_Q_running.copy_(torch.log_softmax(torch.randn(q.K) * 3, 0))  # a skewed running marginal: unused
+        with torch.no_grad():
+            C = q.codebook.clone()  # the codebook training's lookup sees (its EMA step comes after)
+            train_codes = q(e[:, :, None, None])[2]["code_indices"].flatten()
+            q.eval()
+            eval_codes = q(e[:, :, None, None])[2]["code_indices"].flatten()
+        assert torch.equal(train_codes, vqvae.nearest_code(e, C, 4096))
+        assert torch.equal(eval_codes, vqvae.nearest_code(e, q.codebook, 4096))

@@ -91,7 +91,7 @@ def test_ba_statistics_carry_no_gradient():
 
 
 def test_codebook_and_ema_statistics_agree_from_the_start_without_kmeans():
-    q = vqvae.make_quantizer(vqvae.Config(codebook_size=16, kmeans_init=False), 4).train()
+    q = vqvae.make_quantizer(vqvae.Config(codebook_size=16, kmeans_init=False, dead_code_threshold=0.0), 4).train()
     torch.testing.assert_close(q.codebook, q.ema_sum / q._smoothed(q.ema_count)[:, None])
     before = q.codebook.clone()
     q(torch.randn(2, 4, 1, 1) * 0.01)  # two latents: at least 14 codes unused

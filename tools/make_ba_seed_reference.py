@@ -20,6 +20,7 @@ SETTINGS = [dict(codebook_update="ema", ba_iters=2, marginal="batch"),
 def outputs(quantizer: str, settings: dict) -> dict:
     torch.manual_seed(0)
     cfg = vqvae.Config(quantizer=quantizer, codebook_size=24, kmeans_iters=3, entropy_weight=0.1, beta_start=1.5,
+                       dead_code_threshold=0.0,
                        **settings)
     q = vqvae.make_quantizer(cfg, 6).train()
     g = torch.Generator().manual_seed(1)
