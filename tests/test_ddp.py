@@ -23,6 +23,11 @@ CONFIGS = {
     "ba_grad_codebook": {"quantizer": "ba_vq", "ba_iters": 2, "codebook_update": "grad", "entropy_weight": 1.0},
     # BA soft counts and sums into the EMA codebook, 3 BA iterations
     "ba_ema_codebook": {"quantizer": "ba_vq", "ba_iters": 3, "entropy_weight": 1.0, "beta_start": 2.0},
+    # the feature queue filled from all ranks (part-filled, then wrapped), the W2 term's codebook gradient
+    "wasserstein_vq": {"quantizer": "wasserstein_vq", "wvq_queue_size": 3000, "wasserstein_weight": 1.0},
+    # usage summed over ranks, anchors chosen among all ranks' outputs (K = 128 leaves some codes unused, which
+    # move far), codes moved in place
+    "cvq": {"quantizer": "cvq", "codebook_size": 128},
 }
 STEPS = 2
 BASE_LR = vqvae.Config().lr
