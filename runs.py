@@ -58,6 +58,34 @@ def quantizer_keys(name: str) -> Optional[set[str]]:
     return None if cls is None else {f.name for f in dataclasses.fields(cls.Params)}
 
 
+def method_label(config: dict) -> str:
+    """A run's method for plots and tables: its quantizer, plus '+ rotation' and '+ restarts' where they apply
+    (restarts only for quantizers that read dead_code_threshold and do not fix it, as ba_seed does)."""
+    q = config.get("quantizer", "?")
+    parts = [q]
+    if config.get("estimator") == "rotation":
+        parts.append("rotation")
+    cls = vqvae.QUANTIZERS.get(q)
+    forced = getattr(cls, "SEED_OPTIONS", {})
+    threshold = forced.get("dead_code_threshold", config.get("dead_code_threshold", 0))
+    if "dead_code_threshold" in (quantizer_keys(q) or ()) and threshold and threshold > 0:
+        parts.append("restarts")
+    return " + ".join(parts)
+
+
+def by_method_and_k(runs: list[dict], metric: str) -> dict[str, dict[int, list[float]]]:
+    """{method: {K: [final metric of each finished run (one per seed)]}}, K as the quantizer used it (FSQ's grid
+    size when the run reported codebook_size_used)."""
+    out: dict[str, dict[int, list[float]]] = {}
+    for run in runs:
+        final = run["final"]
+        if not final or final.get(metric) is None:
+            continue
+        K = int(final.get("codebook_size_used") or run["config"].get("codebook_size"))
+        out.setdefault(method_label(run["config"]), {}).setdefault(K, []).append(final[metric])
+    return out
+
+
 def runs_table(runs: list[dict]) -> list[dict]:
     """One row per loaded run: the settings the seeds varied (None where the run's quantizer has no such
     hyperparameter), final validation metrics (None while unfinished) and wall time (sum of the epoch times)."""

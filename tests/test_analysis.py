@@ -156,3 +156,23 @@ def test_operating_point_lies_above_the_rd_curve(model_and_images):
     for b, (r, d) in zip(betas, curve):
         assert r * math.log(2) + b * d <= rate * math.log(2) + b * distortion + 1e-6
     assert np.all(np.diff(curve[:, 0]) >= -1e-6) and np.all(np.diff(curve[:, 1]) <= 1e-6)  # R up, D down in beta
+
+
+def test_method_labels_name_the_remedies_that_apply():
+    assert runs.method_label({"quantizer": "vq_ema", "dead_code_threshold": 0.0}) == "vq_ema"
+    assert runs.method_label({"quantizer": "vq_ema", "dead_code_threshold": 1.0}) == "vq_ema + restarts"
+    assert runs.method_label({"quantizer": "vq_ema", "dead_code_threshold": 1.0, "estimator": "rotation"}) == \
+        "vq_ema + rotation + restarts"
+    assert runs.method_label({"quantizer": "ba_seed", "dead_code_threshold": 1.0}) == "ba_seed"  # never restarts
+    assert runs.method_label({"quantizer": "fsq", "dead_code_threshold": 1.0}) == "fsq"  # no codebook to restart
+
+
+def test_by_method_and_k_groups_seeds_and_uses_the_k_a_quantizer_reports():
+    def run(q, K, usage, **extra):
+        return {"config": {"quantizer": q, "codebook_size": K, "dead_code_threshold": 0.0},
+                "final": {"usage_rate": usage, **extra}}
+    grouped = runs.by_method_and_k([run("vq_ema", 512, 0.1), run("vq_ema", 512, 0.2), run("vq_ema", 16384, 0.05),
+                                    run("fsq", 500, 0.9, codebook_size_used=512.0),
+                                    {"config": {"quantizer": "vq_ema", "codebook_size": 64}, "final": None}],
+                                   "usage_rate")
+    assert grouped == {"vq_ema": {512: [0.1, 0.2], 16384: [0.05]}, "fsq": {512: [0.9]}}

@@ -254,7 +254,7 @@ def test_wvq_queue_is_fifo_filled_in_training_only():
 
 def test_cvq_anchor_update_matches_hand_computation():
     torch.manual_seed(0)
-    q = make_q("cvq", K=6, D=3, kmeans_init=False, decay=0.9).train()
+    q = make_q("cvq", K=6, D=3, kmeans_init=False, decay=0.9, dead_code_threshold=0.0).train()
     q.usage.copy_(torch.tensor([0.0, 1e-4, 1e-3, 0.01, 0.2, 0.5]))
     q.codebook.data[0] = 100.0  # far from every output: code 0 stays unused
     C0, P0 = q.codebook.detach().clone(), q.usage.clone()
