@@ -162,8 +162,9 @@ def peak_increase_mib(step, device) -> float | None:
 # Quantizer cases
 # ################################################################################################################
 
-def dense_ba_assign(e, C, log_Q0, beta, iters, chunk, want_sums=False):
-    """`vqvae.ba_assign`'s outputs from the direct (N, K) formula, autograd doing the backward."""
+def dense_ba_assign(e, C, log_Q0, beta, iters, chunk, want_sums=False, want_z=True):
+    """`vqvae.ba_assign`'s outputs from the direct (N, K) formula, autograd doing the backward (z always formed:
+    the direct reference, as a user would write it)."""
     z, log_Q, idx, p = vqvae.ba_assign_direct(e, C, log_Q0, beta, iters)
     H_p = -torch.special.xlogy(p, p).sum(1).mean()
     with torch.no_grad():

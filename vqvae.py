@@ -688,10 +688,12 @@ def entropy_from_log(log_Q: torch.Tensor) -> torch.Tensor:
 
 
 def ba_assign(e, C, log_Q0, beta: float, iters: int, chunk: int, want_sums: bool = False,
-              cache_limit: int = 1 << 26):
+              cache_limit: int = 1 << 26, want_z: bool = True):
     """Chunked BA soft assignment. Returns (z_soft (N, D), log_Q (K,), idx (N,), counts (K,), sums (K, D) or None,
-    H_p (), max_p ()): H_p = mean_n H(p(.|e_n)) in nats (differentiable), max_p = mean_n max_k p(k|e_n)."""
-    return _BAAssign.apply(e, C, log_Q0, float(beta), int(iters), int(chunk), want_sums, cache_limit)
+    H_p (), max_p ()): H_p = mean_n H(p(.|e_n)) in nats (differentiable), max_p = mean_n max_k p(k|e_n).
+    want_z=False skips the soft mixture (a (chunk, K) x (K, D) GEMM per chunk) and returns z_soft empty (0, D):
+    a decoder fed hard codes never reads it."""
+    return _BAAssign.apply(e, C, log_Q0, float(beta), int(iters), int(chunk), want_sums, cache_limit, want_z)
 
 
 class _BAAssign(torch.autograd.Function):
@@ -712,13 +714,14 @@ class _BAAssign(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, e, C, log_Q0, beta, iters, chunk, want_sums, cache_limit):
+    def forward(ctx, e, C, log_Q0, beta, iters, chunk, want_sums, cache_limit, want_z):
+        ctx.set_materialize_grads(False)  # an output nobody used (z with hard codes) gets no adjoint, and no GEMM
         N, K = len(e), len(C)
         chunk = chunk_rows(chunk, K, e.device)
         c_sq = (C * C).sum(1)  # (K,)
         cache = any(ctx.needs_input_grad[:2]) and N * K * iters <= cache_limit
         log_Qs, saved = [log_Q0], [[] for _ in range(iters)]
-        z = e.new_empty(len(e), C.shape[1])  # (N, D)
+        z = e.new_empty(len(e) if want_z else 0, C.shape[1])  # (N, D)
         idx = torch.empty(N, dtype=torch.long, device=e.device)
         sums = torch.zeros_like(C) if want_sums else None  # (K, D)
         world = _world()
@@ -737,7 +740,8 @@ class _BAAssign(torch.autograd.Function):
                 if cache:
                     saved[t].append(p)
                 if last:
-                    torch.mm(p, C, out=z[s:s + chunk])
+                    if want_z:
+                        torch.mm(p, C, out=z[s:s + chunk])
                     idx[s:s + chunk] = row_argmax(logits)[1]
                     if want_sums:
                         sums.addmm_(p.t(), e[s:s + chunk])
@@ -769,10 +773,10 @@ class _BAAssign(torch.autograd.Function):
                               ctx.saved_p[t] if ctx.saved_p is not None else None)
             last = t == iters - 1  # z = p_T C and H_p carry gradient to the last iteration only
             g_lq = it.backward(g_z if last else None, z, g_lq, g_e, g_C, want_prev=t > 0,
-                               g_H=g_H if last and g_H is not None and bool(g_H != 0) else None)
+                               g_H=g_H if last else None)  # None when H_p was not used
             if t > 0:  # log Q_{t-1} is global too: its adjoint sums the column sums of every rank's rows
                 g_lq = rank_sum(g_lq)
-        return g_e, g_C, None, None, None, None, None, None
+        return g_e, g_C, None, None, None, None, None, None, None
 
 
 @dataclass
@@ -950,11 +954,12 @@ class BAQuantizer(CodebookQuantizer):
             ema = self.training and hp.codebook_update == "ema"
             # an EMA codebook is updated in place after this forward; backward needs the values it saw
             C = self.codebook.clone() if ema else self.codebook
-            z_soft, log_Q, idx, counts, sums, H_p, max_p = ba_assign(e, C, log_Q0, beta, hp.ba_iters,
-                                                                     hp.chunk_size, want_sums=ema)
+            hard = hp.ba_forward == "hard" or not self.training  # evaluation reports the discrete model
+            # z_soft: what a soft decoder sees in training, and validation's soft-PSNR diagnostic
+            z_soft, log_Q, idx, counts, sums, H_p, max_p = ba_assign(e, C, log_Q0, beta, hp.ba_iters, hp.chunk_size,
+                                                                     want_sums=ema, want_z=not hard or not self.training)
             if not self.training:
                 idx = self._eval_codes(e.detach(), idx, beta)
-            hard = hp.ba_forward == "hard" or not self.training  # evaluation reports the discrete model
             z_q = self.codebook[idx] if hard else z_soft  # (N, D)
             H_Q = entropy_from_log(log_Q)
             losses = {"commitment_loss": hp.commitment_weight * F.mse_loss(e, z_q.detach()),

@@ -175,3 +175,23 @@ def test_auto_evaluation_codes_follow_the_training_rule(marginal, ba_iters, rule
             eval_codes = q(e[:, :, None, None])[2]["code_indices"].flatten()
         assert torch.equal(train_codes, vqvae.nearest_code(e, C, 4096))
         assert torch.equal(eval_codes, vqvae.nearest_code(e, q.codebook, 4096))
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_skipping_the_soft_mixture_changes_no_other_output_or_gradient(cache):
+    """Hard codes never read z_soft: ba_assign(want_z=False) must give the same statistics and the same gradient
+    of a loss on log Q and H_p as the full computation whose z is left unused."""
+    g = torch.Generator().manual_seed(3)
+    e0, C0 = torch.randn(96, 5, generator=g, dtype=torch.float64), torch.randn(20, 5, generator=g, dtype=torch.float64)
+    log_Q0 = torch.log_softmax(torch.randn(20, generator=g, dtype=torch.float64), 0)
+    grads = []
+    for want_z in (True, False):
+        e, C = e0.clone().requires_grad_(), C0.clone().requires_grad_()
+        out = vqvae.ba_assign(e, C, log_Q0, 1.7, 2, chunk=32, want_sums=True, want_z=want_z,
+                              cache_limit=1 << 30 if cache else 0)
+        z, log_Q, idx, counts, sums, H_p, max_p = out
+        assert len(z) == (96 if want_z else 0)
+        (0.3 * H_p - (log_Q.exp() * log_Q).sum()).backward()
+        grads.append((e.grad, C.grad, log_Q.detach(), idx, counts, sums, H_p.detach(), max_p))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
