@@ -6,7 +6,8 @@ import csv
 import statistics
 import sys
 
-COLUMNS = [("psnr", "hard-code PSNR (dB)", 1, ".2f"), ("ssim", "SSIM", 1, ".3f"),
+COLUMNS = [("psnr", "hard-code PSNR (dB)", 1, ".2f"), ("psnr_per_image", "per-image PSNR (dB)", 1, ".2f"),
+           ("ssim", "SSIM", 1, ".3f"),
            ("soft_psnr", "soft PSNR (dB, diagnostic)", 1, ".2f"),
            ("usage_rate", "usage (%)", 100, ".1f"), ("perplexity", "perplexity", 1, ".1f"),
            ("dead_codes", "dead codes", 1, ".0f"), ("max_p", "mean max p", 1, ".3f"),
