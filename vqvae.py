@@ -914,6 +914,13 @@ class BAQuantizer(CodebookQuantizer):
         self.register_buffer("use_count", torch.ones(self.K))
         self._beta = None  # host copy of the beta buffer, so a step needs no device sync to read it
         self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_beta", None))
+        self._register_load_state_dict_pre_hook(self._fill_use_count)
+
+    @staticmethod
+    def _fill_use_count(state, prefix, *args):
+        """Checkpoints from before use_count existed: start it from the (soft) EMA cluster sizes."""
+        if prefix + "use_count" not in state and prefix + "ema_count" in state:
+            state[prefix + "use_count"] = state[prefix + "ema_count"].clone()
 
     def schedule(self, progress: float):
         """Cosine schedule from beta_start (progress 0) to beta_end (progress 1)."""

@@ -195,3 +195,11 @@ def test_skipping_the_soft_mixture_changes_no_other_output_or_gradient(cache):
         grads.append((e.grad, C.grad, log_Q.detach(), idx, counts, sums, H_p.detach(), max_p))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_a_state_from_before_use_count_loads_with_it_filled_from_the_cluster_sizes():
+    q = make_q()
+    old = {k: v for k, v in make_q().state_dict().items() if k != "use_count"}
+    old["ema_count"] = torch.arange(24.0)
+    q.load_state_dict(old)
+    assert torch.equal(q.use_count, torch.arange(24.0))
