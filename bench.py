@@ -9,6 +9,8 @@ on z_q plus the quantizer's own losses): median of --repeats timed passes after 
 the k-means initialisation. Implementations:
   vq_ema     our VQEMAQuantizer (chunked nearest code, scatter-add EMA update)
   ba         our BAQuantizer (chunked Blahut-Arimoto with a recomputing backward), ba_iters 1 and 2
+  ba_topk    the same with ba_topk = --topk (ba_iters 1): each latent's top codes only, after a probe that
+             measures the dropped mass (ba_topk_max_drop 1, so every pass is truncated and the probe is included)
   ba_direct  the same BAQuantizer with its assignment replaced by `vqvae.ba_assign_direct`: the formula written
              with (N, K) matrices and autograd's backward
   vqp        vector-quantize-pytorch's VectorQuantize(decay=0.99, kmeans_init=True, rotation_trick=False), when
@@ -17,8 +19,13 @@ ba_direct and vqp hold (N, K) matrices; they are skipped where those would excee
 Peak memory is the increase over what is held before the pass: torch.cuda.max_memory_allocated on CUDA; on CPU
 the process's resident-set high-water mark (reset through /proc/self/clear_refs, with malloc's free memory
 handed back first, so the mark reflects this pass alone; Linux only).
+BA rows run at beta = --beta (default 100, the default schedule's end: the sharp assignments top-k is for).
 Training rows: images/s of `Trainer.train_step` (the real step: forward, backward, AdamW) on the bundled CIFAR-10
 sample, for each arch x quantizer.
+Step rows: the same training step for the compact arch at batch 128 and K = --step_codebook_sizes, for vq_ema, exact
+ba_vq and ba_vq with top-k (those of them in --impls), timed in alternation (one pass of --step_steps steps each, in turn, --repeats times)
+so that a machine's drift hits all three alike; the ratio to vq_ema is the figure. An epoch of the CIFAR-10 subset
+(5,085 images) is 40 such steps.
 """
 from __future__ import annotations
 
@@ -45,10 +52,14 @@ import vqvae
 # ################################################################################################################
 
 FULL = {"n": 16384, "dims": [64, 256], "codebook_sizes": [512, 4096, 16384, 65536], "iters": [1, 2],
-        "train_batch": 128, "train_steps": 5, "train_codebook_size": 512}
+        "train_batch": 128, "train_steps": 5, "train_codebook_size": 512,
+        "step_codebook_sizes": [512, 16384, 65536], "step_batch": 128, "step_steps": 3}
 QUICK = {"n": 512, "dims": [16], "codebook_sizes": [64, 256], "iters": [1, 2],
-         "train_batch": 8, "train_steps": 1, "train_codebook_size": 32}
-IMPLS = ["vq_ema", "ba", "ba_direct", "vqp"]
+         "train_batch": 8, "train_steps": 1, "train_codebook_size": 32,
+         "step_codebook_sizes": [256], "step_batch": 8, "step_steps": 1}
+IMPLS = ["vq_ema", "ba", "ba_topk", "ba_direct", "vqp"]
+STEP_IMPLS = {"vq_ema": {"quantizer": "vq_ema"}, "ba": {"quantizer": "ba_vq"},
+              "ba_topk": {"quantizer": "ba_vq", "ba_topk_max_drop": 1.0}}
 ARCHS = ["residual", "compact"]
 
 
@@ -173,7 +184,8 @@ def dense_ba_assign(e, C, log_Q0, beta, iters, chunk, want_sums=False, want_z=Tr
     return z, log_Q, idx, counts, sums, H_p, p.amax(1).mean().detach()
 
 
-def make_forward(impl: str, D: int, K: int, iters: int, device, chunk: int):
+def make_forward(impl: str, D: int, K: int, iters: int, device, chunk: int, beta: float = 100.0,
+                 topk_k: int = 16):
     """(forward(x) -> (z_q, quantizer loss), input layout) for one implementation, in training mode."""
     if impl == "vqp":
         from vector_quantize_pytorch import VectorQuantize
@@ -185,8 +197,11 @@ def make_forward(impl: str, D: int, K: int, iters: int, device, chunk: int):
             return z_q, loss.sum()
         return forward_vqp, "BND"
     kind = "vq_ema" if impl == "vq_ema" else "ba_vq"
-    cfg = vqvae.Config(quantizer=kind, codebook_size=K, ba_iters=iters, chunk_size=chunk, wandb=False)
+    topk = {"ba_topk": min(topk_k, K - 1), "ba_topk_max_drop": 1.0} if impl == "ba_topk" else {}
+    cfg = vqvae.Config(quantizer=kind, codebook_size=K, ba_iters=iters, chunk_size=chunk, wandb=False, **topk)
     q = vqvae.make_quantizer(cfg, D).to(device).train()
+    if kind == "ba_vq":
+        q.set_beta(beta)
 
     def forward(z):
         swap = _swapped(vqvae, "ba_assign", dense_ba_assign) if impl == "ba_direct" else contextlib.nullcontext()
@@ -214,11 +229,13 @@ def dense_gib(impl: str, N: int, K: int, iters: int) -> float:
 
 def run_case(impl, N, D, K, iters, device, args) -> dict:
     row = {"impl": impl, "N": N, "D": D, "K": K, "ba_iters": iters if impl.startswith("ba") else None}
+    if impl == "ba_topk":
+        row["topk"] = min(args.topk, K - 1)
     if dense_gib(impl, N, K, iters) > args.dense_max_gib:
         return {**row, "ms": None, "skipped": f"needs about {dense_gib(impl, N, K, iters):.0f} GiB of (N, K) "
                                               f"matrices (> --dense_max_gib {args.dense_max_gib:g})"}
     torch.manual_seed(0)
-    forward, layout = make_forward(impl, D, K, iters, device, args.chunk_size)
+    forward, layout = make_forward(impl, D, K, iters, device, args.chunk_size, args.beta, args.topk)
     # N encoder vectors as a (B, D, 8, 8) feature map, like the encoders' output
     z = torch.randn(N // 64, D, 8, 8, generator=torch.Generator().manual_seed(1)).to(device)
     x = z.permute(0, 2, 3, 1).reshape(N // 64, 64, D).contiguous() if layout == "BND" else z
@@ -246,7 +263,7 @@ def quantizer_rows(grid: dict, device, args) -> list[dict]:
     for D in grid["dims"]:
         for K in grid["codebook_sizes"]:
             for impl in impls:
-                for iters in (grid["iters"] if impl.startswith("ba") else [1]):
+                for iters in (grid["iters"] if impl in ("ba", "ba_direct") else [1]):
                     row = run_case(impl, grid["n"], D, K, iters, device, args)
                     _progress(row)
                     rows.append(row)
@@ -257,7 +274,8 @@ def _progress(row: dict):
     what = " ".join(f"{k}={v}" for k, v in row.items() if k in ("impl", "N", "D", "K", "ba_iters", "arch",
                                                                "quantizer") and v is not None)
     result = (f"{row['ms']:.1f} ms, peak +{row['peak_mib'] or 0:.0f} MiB" if "ms" in row and row["ms"]
-              else f"{row['images_per_s']:.1f} images/s" if "images_per_s" in row else row.get("skipped"))
+              else f"{row['images_per_s']:.1f} images/s" if "images_per_s" in row
+              else f"{row['ms_per_step']:.0f} ms/step" if "ms_per_step" in row else row.get("skipped"))
     print(f"[bench] {what}: {result}", file=sys.stderr, flush=True)
 
 
@@ -289,6 +307,48 @@ def training_rows(grid: dict, device, args) -> list[dict]:
                    "images_per_s": grid["train_steps"] * grid["train_batch"] / seconds}
             _progress(row)
             rows.append(row)
+    return rows
+
+
+def step_rows(grid: dict, device, args) -> list[dict]:
+    """ms per training step of vq_ema, ba and ba_topk at each K, the three timed in turn (see the docstring)."""
+    rows = []
+    for K in grid["step_codebook_sizes"]:
+        steps, tmps = {}, []
+        for impl, overrides in ((i, o) for i, o in STEP_IMPLS.items() if i in args.impls):
+            extra = {"ba_topk": min(args.topk, K - 1)} if impl == "ba_topk" else {}
+            cfg = vqvae.Config(dataset="cifar10-sample", arch="compact", codebook_size=K, epochs=100,
+                               batch_size=grid["step_batch"], beta_start=args.beta, beta_end=args.beta,
+                               device=str(device), wandb=False, chunk_size=args.chunk_size, **overrides, **extra)
+            tmps.append(tempfile.TemporaryDirectory())
+            trainer = vqvae.Trainer(cfg, Path(tmps[-1].name), device)
+            xs = list(trainer.train_batches.epoch(0))
+
+            def step(trainer=trainer, xs=xs, i=[0]):
+                for _ in range(grid["step_steps"]):
+                    trainer.train_step(xs[i[0] % len(xs)])
+                    trainer.step += 1
+                    i[0] += 1
+                    trainer.check_finite()
+            time_passes(step, device, 1)  # k-means initialisation and a first pass
+            steps[impl] = step
+        times = {impl: [] for impl in steps}
+        for _ in range(args.repeats):
+            for impl, step in steps.items():
+                times[impl] += time_passes(step, device, 1)
+        for impl, step in steps.items():
+            ms = 1e3 * statistics.median(times[impl]) / grid["step_steps"]
+            row = {"impl": impl, "K": K, "batch": grid["step_batch"], "steps": grid["step_steps"],
+                   "repeats": args.repeats, "ms_per_step": ms,
+                   "ms_all": [round(1e3 * t / grid["step_steps"], 1) for t in times[impl]],
+                   "peak_mib": peak_increase_mib(step, device)}
+            _progress(row)
+            rows.append(row)
+        vq = times.get("vq_ema") and rows[-len(steps)]  # vq_ema, when timed, is the first of this K's rows
+        for row in rows[-len(steps):]:
+            row["vs_vq_ema"] = row["ms_per_step"] / vq["ms_per_step"] if vq else None
+        for tmp in tmps:
+            tmp.cleanup()
     return rows
 
 
@@ -337,6 +397,28 @@ def target_rows(rows: list[dict], sizes: dict) -> list[dict]:
     return out
 
 
+def step_targets(rows: list[dict], sizes: dict) -> list[dict]:
+    """The BA-speed issue's goal: a ba_vq training step within 2x of vq_ema's at the large K, peak memory growth
+    within 1.5 GiB at the largest."""
+    out = []
+    for K in sorted({sizes["large"], sizes["huge"]}):
+        by = {r["impl"]: r for r in rows if r["K"] == K}
+        for impl in ("ba", "ba_topk"):
+            if impl not in by or by[impl]["vs_vq_ema"] is None:
+                continue
+            r, v = by[impl], by["vq_ema"]
+            out.append({"target": f"{impl} training step / vq_ema's, K={K}", "ratio": round(r["vs_vq_ema"], 3),
+                        "need": 2.0, "op": "≤", "status": "PASS" if r["vs_vq_ema"] <= 2.0 else "MISS",
+                        "from": f"{impl} {r['ms_per_step']:.0f} ms / vq_ema {v['ms_per_step']:.0f} ms"})
+    for r in rows:
+        if r["K"] == sizes["huge"] and r["impl"].startswith("ba") and r["peak_mib"] is not None:
+            gib = r["peak_mib"] / 1024
+            out.append({"target": f"{r['impl']} training step peak memory increase in GiB, K={r['K']}",
+                        "ratio": round(gib, 3), "need": 1.5, "op": "≤", "status": "PASS" if gib <= 1.5 else "MISS",
+                        "from": f"{r['impl']} {r['peak_mib']:.0f} MiB"})
+    return out
+
+
 # ################################################################################################################
 # Report
 # ################################################################################################################
@@ -367,6 +449,16 @@ def markdown(result: dict, command: str) -> str:
         for r in result["training"]:
             lines.append(f"| {r['arch']} | {r['quantizer']} | {r['D']} | {r['K']} | {r['batch']} | "
                          f"{r['ms_per_step']:.0f} | {r['images_per_s']:.1f} |")
+    if result.get("steps"):
+        lines += ["", f"Training step, compact arch, alternating (`Trainer.train_step`; BA at beta {result['beta']:g}, "
+                      f"top-k {result['topk']}; peak = increase over what was held):", "",
+                  "| impl | K | batch | ms/step | vs vq_ema | passes | peak mem increase MiB |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in result["steps"]:
+            peak = f"{r['peak_mib']:.0f}" if r.get("peak_mib") is not None else "-"
+            lines.append(f"| {r['impl']} | {r['K']} | {r['batch']} | {r['ms_per_step']:.0f} | "
+                         f"{'-' if r['vs_vq_ema'] is None else format(r['vs_vq_ema'], '.2f') + 'x'} | "
+                         f"{r['repeats']} | {peak} |")
     lines += ["", f"Targets (N = {result['target_sizes']['N']}, D = {result['target_sizes']['D']}):", "",
               "| target | measured | required | status | from |", "|---|---:|---:|---|---|"]
     for t in result["targets"]:
@@ -414,6 +506,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dense_max_gib", type=float, default=10.0,
                    help="skip ba_direct and vqp where their (N, K) matrices would need more than this")
     p.add_argument("--no_train", action="store_true", help="skip the training-throughput rows")
+    p.add_argument("--no_steps", action="store_true", help="skip the alternating training-step rows")
+    p.add_argument("--step_codebook_sizes", type=int, nargs="+", default=None, help="K of the step rows")
+    p.add_argument("--beta", type=float, default=100.0, help="BA's beta (relative units) in every BA row")
+    p.add_argument("--topk", type=int, default=16, help="ba_topk of the ba_topk rows")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
@@ -429,15 +525,18 @@ def main(argv=None) -> dict:
     sizes = target_sizes(grid)
     grid = {**grid, **{k: v for k, v in (("n", args.n), ("dims", args.dims), ("codebook_sizes",
                                                                               args.codebook_sizes),
-                                          ("iters", args.iters)) if v is not None}}
+                                          ("iters", args.iters), ("step_codebook_sizes",
+                                                                  args.step_codebook_sizes)) if v is not None}}
     if grid["n"] % 64:
         raise SystemExit("--n must be a multiple of 64 (vectors are laid out as (B, D, 8, 8))")
-    result = {"meta": machine_info(device), "grid": grid, "target_sizes": sizes}
+    result = {"meta": machine_info(device), "grid": grid, "target_sizes": sizes, "beta": args.beta,
+              "topk": args.topk}
     ticks = cpu_ticks()
     result["quantizers"] = quantizer_rows(grid, device, args)
     result["training"] = [] if args.no_train else training_rows(grid, device, args)
+    result["steps"] = [] if args.no_steps else step_rows(grid, device, args)
     result["meta"].update(contention(ticks))
-    result["targets"] = target_rows(result["quantizers"], sizes)
+    result["targets"] = target_rows(result["quantizers"], sizes) + step_targets(result["steps"], sizes)
     print(json.dumps(result, indent=1))
     if not args.no_append:
         command = "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:])

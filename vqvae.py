@@ -89,6 +89,10 @@ class Config:
     beta_start: float = _f(1.0, "BA: inverse temperature at the first step (in beta_units)")
     beta_end: float = _f(100.0, "BA: inverse temperature at the last step (cosine schedule)")
     ba_iters: int = _f(1, "BA: E-M iterations per forward pass")
+    ba_topk: int = _f(0, "BA: in training, keep each latent's ba_topk most likely codes (0: all K, exact); a step "
+                         "whose dropped probability mass exceeds ba_topk_max_drop runs exact")
+    ba_topk_max_drop: float = _f(1e-3, "BA: largest mean probability mass a top-k step may drop (measured every step "
+                                       "on every 8th latent, logged as topk_dropped)")
     ba_forward: Literal["hard", "soft"] = _f("hard", "BA: decoder sees the hard code (straight-through to e, p "
                                              "drives the statistics) or the soft mixture sum_k p c_k (seeds)")
     usage_term: Literal["mutual_info", "entropy"] = _f("mutual_info", "BA: -(H(Q) - E H(p(.|e))) or -H(Q) (seeds)")
@@ -139,6 +143,10 @@ class Config:
         checks = [
             (self.codebook_size >= 2, "codebook_size must be >= 2"),
             (self.ba_iters >= 1, "ba_iters must be >= 1"),
+            (0 <= self.ba_topk < self.codebook_size, "ba_topk must be >= 0 (0: exact) and below codebook_size"),
+            (self.ba_topk == 0 or self.ba_iters == 1, "ba_topk needs ba_iters 1 (the top codes are those of the "
+                                                      "one E-step's logits)"),
+            (0 <= self.ba_topk_max_drop <= 1, "ba_topk_max_drop must be in [0, 1]"),
             (0 < self.decay < 1, "decay must be in (0, 1)"),
             (self.epsilon > 0, "epsilon must be > 0"),
             (self.beta_start > 0, "beta_start must be > 0"),
@@ -729,28 +737,36 @@ class _BAAssign(torch.autograd.Function):
         log_N = math.log(N) if world == 1 else dist_sum_(torch.tensor(float(N), device=e.device)).log()
         e1 = _with_ones(e)  # (N, D+1)
         H_sum, max_p_sum = e.new_zeros(()), e.new_zeros(())
+        # logits are shifted by their row max before anything reads them: they can sit at beta ||e||^2 / dbar ~ 1e3
+        # from 0, where float32 keeps ~1e-4 of absolute precision, while p, log p and H(p) depend on differences
+        lse_cs = []  # per iteration, (N,) log sum_k exp(l_nk - max_k l_nk) = -log max_k p_nk
         for t in range(iters):
             last = t == iters - 1
-            lse = torch.full((K,), -math.inf, device=e.device)  # log sum_n p_nk over the chunks so far
+            col = torch.zeros(K, dtype=e.dtype, device=e.device)  # sum_n p_nk over the chunks so far
+            lse_c, top_all = e.new_empty(N), e.new_empty(N)
             W = _ba_logit_weights(C, c_sq, log_Qs[-1], beta)  # (K, D+1)
             for s in range(0, N, chunk):
-                logits = e1[s:s + chunk] @ W.t()  # (chunk, K)
+                rows = slice(s, s + chunk)
+                logits = e1[rows] @ W.t()  # (chunk, K)
+                top, arg = row_argmax(logits) if last else (logits.amax(1), None)  # (chunk,)
+                logits.sub_(top[:, None])  # (chunk, K) l - max l <= 0
                 p = torch.softmax(logits, dim=1)  # (chunk, K)
-                lse = torch.logaddexp(lse, _log_colsum(p, logits))
+                col += p.sum(0)
                 if cache:
                     saved[t].append(p)
+                max_p = p.amax(1)  # (chunk,) = exp(0 - lse_c): the row logsumexp from a fast reduction
+                lse_c[rows], top_all[rows] = -max_p.log(), top
                 if last:
                     if want_z:
-                        torch.mm(p, C, out=z[s:s + chunk])
-                    idx[s:s + chunk] = row_argmax(logits)[1]
+                        torch.mm(p, C, out=z[rows])
+                    idx[rows] = arg
                     if want_sums:
-                        sums.addmm_(p.t(), e[s:s + chunk])
-                    max_p = p.amax(1)  # (chunk,)
-                    # H(p_n) = logsumexp_k l_nk - sum_k p_nk l_nk, the logsumexp being max_k l_nk - log max_k p_nk
-                    H_sum += (logits.amax(1) - max_p.log() - (p * logits).sum(1)).sum()
+                        sums.addmm_(p.t(), e[rows])
+                    H_sum += (lse_c[rows] - (p * logits).sum(1)).sum()  # H(p_n) = lse_n - sum_k p_nk l_nk
                     max_p_sum += max_p.sum()
-            log_Qs.append(_dist_logsumexp(lse) - log_N)
-        ctx.save_for_backward(e, C, z, *log_Qs)
+            lse_cs.append(lse_c)
+            log_Qs.append(_dist_logsumexp(_log_colsum(col, e1, W, top_all + lse_c, chunk)) - log_N)
+        ctx.save_for_backward(e, C, z, *log_Qs, *lse_cs)
         ctx.saved_p = saved if cache else None
         ctx.cfg = (beta, iters, chunk, world, log_N)
         counts = log_Qs[-1].exp() * N  # this rank's share N Q of the soft counts: summed over ranks, N_global Q
@@ -761,15 +777,16 @@ class _BAAssign(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_z, g_logQ, _g_idx, _g_counts, _g_sums, g_H, _g_max_p):
-        e, C, z, *log_Qs = ctx.saved_tensors
+        e, C, z, *logs = ctx.saved_tensors
         beta, iters, chunk, world, log_N = ctx.cfg
+        log_Qs, lse_cs = logs[:iters + 1], logs[iters + 1:]
         g_e = torch.zeros_like(e)
         g_C = torch.zeros_like(C) if ctx.needs_input_grad[1] else None
         rank_sum = dist_sum_ if world > 1 else (lambda t: t)
         # every rank's loss depends on the one global log Q: summed, its adjoint counts each rank's loss once
         g_lq = rank_sum(g_logQ.clone() if g_logQ is not None else torch.zeros_like(log_Qs[-1]))
         for t in reversed(range(iters)):
-            it = _BAIteration(e, C, log_Qs[t], log_Qs[t + 1], log_N, beta, chunk,
+            it = _BAIteration(e, C, log_Qs[t], log_Qs[t + 1], lse_cs[t], log_N, beta, chunk,
                               ctx.saved_p[t] if ctx.saved_p is not None else None)
             last = t == iters - 1  # z = p_T C and H_p carry gradient to the last iteration only
             g_lq = it.backward(g_z if last else None, z, g_lq, g_e, g_C, want_prev=t > 0,
@@ -793,15 +810,19 @@ class _BAIteration:
         dL/de_n         = 2 beta sum_k dL/dl_nk c_k  (the -beta ||e_n||^2 term adds (row sum) e_n = 0)
         dL/dc_k         = sum_n p_nk g_z_n  +  2 beta sum_n dL/dl_nk e_n  -  2 beta c_k sum_n dL/dl_nk
         dL/dlog Q_{t-1} = sum_n dL/dl_nk             (log Q_{t-1,k} enters every row's logit for k)
-    With the adjoint g_H of H_p = mean_n H(p_n), H(p_n) = -sum_k p_nk log p_nk (last iteration only):
-        dL/dl_nk       += -(g_H / N) p_nk (log p_nk + H(p_n))      (rows again sum to zero)
-    When some Q_t,k underflows (w_k = inf), p_nk w_k is formed in log space instead: g_q,k exp(log p_nk - log Q_t,k
-    - log N).
+    With the adjoint g_H of H_p = mean_n H(p_n), H(p_n) = -sum_k p_nk log p_nk (last iteration only), and
+    log p_nk = l_nk - lse_n:
+        dL/dl_nk       += -(g_H / N) p_nk (log p_nk + H(p_n)) = -(g_H / N) p_nk (l_nk - sum_j p_nj l_nj)
+    (lse_n cancels), so with h = g_H / N a chunk's whole adjoint is one expression over its (rows, K) block:
+        dL/dl_nk        = p_nk (G_nk + w_k - h l_nk + s_n),     s_n = h sum_j p_nj l_nj - r_n.
+    When some Q_t,k underflows (w_k = inf), w_k is set to 0 and the terms p_nk w_k of those columns alone are formed
+    in log space, g_q,k exp(log p_nk - log Q_t,k - log N), and added (to r_n and to their columns of dL/dl).
     """
     e: torch.Tensor  # (N, D)
     C: torch.Tensor  # (K, D)
     log_Q_prev: torch.Tensor  # (K,) log Q_{t-1}, the prior this iteration's E-step used
     log_Q: torch.Tensor  # (K,) log Q_t, its M-step's result
+    lse_c: torch.Tensor  # (N,) each row's log sum_k exp(l_nk - max_k l_nk), from the forward
     log_N: float | torch.Tensor
     beta: float
     chunk: int
@@ -813,28 +834,41 @@ class _BAIteration:
         W = _ba_logit_weights(C, (C * C).sum(1), self.log_Q_prev, beta)  # (K, D+1)
         e1 = _with_ones(e)  # (N, D+1)
         w = g_q * torch.exp(-self.log_Q - self.log_N)  # (K,)
-        safe = bool(torch.isfinite(w).all())  # Q_k below ~1e-38: take the log-space route for this iteration
-        # [g_z, -r, 1] @ [C, 1, w]^T = G - r + w: one GEMM forms dL/dp - r, with w and -r as extra columns
-        B = torch.cat(([C] if g_z is not None else []) + [torch.ones_like(w)[:, None], w[:, None]], 1)
+        tiny = ~torch.isfinite(w)  # Q_t,k below ~1e-38: these columns' p w terms go through log space
+        tiny = tiny.nonzero().squeeze(1) if bool(tiny.any()) else None
+        if tiny is not None:
+            w = w.masked_fill(~torch.isfinite(w), 0.0)
+        h = g_H / len(e) if g_H is not None else None
+        # [g_z, s, 1] @ [C, 1, w]^T = G + s + w: one GEMM forms the row and column terms beside G
+        B = torch.cat([C, torch.ones_like(w)[:, None], w[:, None]], 1) if g_z is not None else None
         g_q_prev = torch.zeros_like(g_q)
         for j, s in enumerate(range(0, len(e), self.chunk)):
             rows = slice(s, s + self.chunk)
-            p = self.saved_p[j] if self.saved_p is not None else torch.softmax(e1[rows] @ W.t(), dim=1)  # (chunk, K)
-            if safe:
-                r = p @ w  # (chunk,)
-                if g_z is not None:
-                    r += (g_z[rows] * z[rows]).sum(1)
-                A = torch.cat(([g_z[rows]] if g_z is not None else []) + [-r[:, None], torch.ones_like(r)[:, None]], 1)
-                g_l = (A @ B.t()).mul_(p)  # (chunk, K) dL/dl
+            logits = None  # (chunk, K) l - max l, as in the forward
+            if self.saved_p is None or h is not None or tiny is not None:
+                logits = e1[rows] @ W.t()
+                logits.sub_(logits.amax(1, keepdim=True))
+            p = self.saved_p[j] if self.saved_p is not None else torch.softmax(logits, dim=1)  # (chunk, K)
+            r = p @ w  # (chunk,)
+            if g_z is not None:
+                r += (g_z[rows] * z[rows]).sum(1)
+            if tiny is not None:
+                # log p - log Q - log N <= 0 (p_nk <= N Q_k); below -87 exp leaves its fast path for a result
+                # under 1e-38, so the clamp changes nothing that float32 holds
+                arg = logits.index_select(1, tiny) - self.lse_c[rows, None] - (self.log_Q[tiny] + self.log_N)
+                a = g_q[tiny] * arg.clamp_(min=-87.0).exp_()  # (chunk, n_tiny) p_nk w_k
+                r += a.sum(1)
+            s_row = -r if h is None else (p * logits).sum(1).mul_(h).sub_(r)  # (chunk,)
+            if g_z is not None:
+                A = torch.cat([g_z[rows], s_row[:, None], torch.ones_like(s_row)[:, None]], 1)
+                g_l = A @ B.t()  # (chunk, K) G + w + s
             else:
-                G = (g_z[rows] @ C.t()) if g_z is not None else torch.zeros_like(p)  # (chunk, K)
-                log_p = torch.log_softmax(e1[rows] @ W.t(), dim=1)
-                a = p * G + g_q * (log_p - self.log_Q - self.log_N).exp()  # p (G + w), before the normalisation
-                g_l = torch.addcmul(a, p, a.sum(1, keepdim=True), value=-1.0)
-            if g_H is not None:
-                log_p = torch.log_softmax(e1[rows] @ W.t(), dim=1)  # (chunk, K)
-                H = -(p * log_p).sum(1, keepdim=True)  # (chunk, 1)
-                g_l -= (g_H / len(e)) * p * (log_p + H)
+                g_l = w + s_row[:, None]
+            if h is not None:
+                g_l.add_(logits, alpha=-h)
+            g_l.mul_(p)  # dL/dl
+            if tiny is not None:
+                g_l.index_add_(1, tiny, a)
             g_e[rows].addmm_(g_l, C, alpha=2.0 * beta)
             col = g_l.sum(0) if want_prev or g_C is not None else None  # (K,) sum_n dL/dl_nk
             if want_prev:
@@ -852,6 +886,111 @@ def _ba_logit_weights(C, c_sq, log_Q, beta):
     per-row constant -beta ||e||^2, which the softmax removes. The bias rides in the GEMM as an extra column:
     addmm's broadcast copy of it into the (chunk, K) output costs as much as the GEMM itself at D = 64."""
     return torch.cat([(2.0 * beta) * C, (log_Q - beta * c_sq)[:, None]], 1)
+
+
+def ba_assign_topk(e, C, log_Q0, beta: float, k: int, chunk: int, want_sums: bool = False, want_z: bool = True):
+    """`ba_assign` (one E-M iteration) with each row's p(.|e_n) truncated to its k largest logits T_n and
+    renormalised there: p~_nk = exp(l_nk) / sum_{j in T_n} exp(l_nj). Everything after the (chunk, K) logits and
+    their top-k is (N, k): Q, H_p, the EMA sums and the whole backward. Same outputs as `ba_assign`. A code in no
+    row's top k gets Q = 0, held as log Q = LOG_Q_FLOOR so H(Q) stays finite. How much mass the truncation drops
+    is `topk_dropped_mass`'s to measure."""
+    return _BATopK.apply(e, C, log_Q0, float(beta), int(k), int(chunk), want_sums, want_z)
+
+
+LOG_Q_FLOOR = -1e4  # log Q of a code no row kept: exp() is 0 and Q log Q is 0, both finite
+
+
+class _BATopK(torch.autograd.Function):
+    """The backward is `_BAIteration`'s formula on the kept entries only (h = g_H / N, w_k = g_q,k / (N Q_k)):
+        dL/dl_nk = p~_nk (G_nk - h l_nk + h sum_j p~_nj l_nj - r_n) + p~_nk w_k,   r_n = sum_j p~_nj (G_nj + w_j),
+    G_nk = g_z_n.c_k, with p~ w formed as g_q,k p~_nk / (N Q_k) (<= g_q,k: a row's share of its code's mass).
+    Data-parallel ranks: Q is the marginal over all ranks' rows, as in `_BAAssign`."""
+
+    @staticmethod
+    def forward(ctx, e, C, log_Q0, beta, k, chunk, want_sums, want_z):
+        ctx.set_materialize_grads(False)
+        N, K, D = len(e), len(C), C.shape[1]
+        chunk = chunk_rows(chunk, K, e.device)
+        W = _ba_logit_weights(C, (C * C).sum(1), log_Q0, beta)  # (K, D+1)
+        e1 = _with_ones(e)
+        logits, ids = e.new_empty(N, k), torch.empty(N, k, dtype=torch.long, device=e.device)
+        for s in range(0, N, chunk):  # the only (rows, K) work: one GEMM and a top-k per chunk
+            torch.topk(e1[s:s + chunk] @ W.t(), k, dim=1, out=(logits[s:s + chunk], ids[s:s + chunk]))
+        logits -= logits[:, :1].clone()  # l - max l, as in _BAAssign (p, H and the backward read differences)
+        lse = torch.logsumexp(logits, 1, keepdim=True)  # (N, 1) over the kept codes
+        p = (logits - lse).exp()  # (N, k), rows sum to 1
+        flat = ids.reshape(-1)
+        col = dist_sum_(torch.zeros(K, dtype=e.dtype, device=e.device).index_add_(0, flat, p.reshape(-1)))
+        world = _world()
+        log_N = math.log(N) if world == 1 else dist_sum_(torch.tensor(float(N), device=e.device)).log()
+        log_Q = col.log().clamp_(min=LOG_Q_FLOOR) - log_N
+        z = e.new_empty(N if want_z else 0, D)
+        sums = torch.zeros_like(C) if want_sums else None
+        for rows, Ck in _kept_code_blocks(C, ids, e.device):  # (rows, k, D) blocks of each row's kept codes
+            if want_z:
+                torch.bmm(p[rows].unsqueeze(1), Ck, out=z[rows].unsqueeze(1))
+            if want_sums:
+                sums.index_add_(0, ids[rows].reshape(-1), (p[rows].unsqueeze(2) * e[rows].unsqueeze(1)).reshape(-1, D))
+        H_p = (lse.squeeze(1) - (p * logits).sum(1)).mean() if N else e.new_zeros(())
+        max_p = p[:, 0].mean() if N else e.new_zeros(())
+        ctx.save_for_backward(e, C, z, logits, ids, p, col)
+        ctx.cfg = (beta, world)
+        counts = log_Q.exp() * N  # this rank's share N Q of the soft counts, as in _BAAssign
+        ctx.mark_non_differentiable(*(t for t in (ids, counts, sums, max_p) if t is not None))
+        return z, log_Q, ids[:, 0].contiguous(), counts, sums, H_p, max_p
+
+    @staticmethod
+    def backward(ctx, g_z, g_logQ, _g_idx, _g_counts, _g_sums, g_H, _g_max_p):
+        e, C, z, logits, ids, p, col = ctx.saved_tensors
+        beta, world = ctx.cfg
+        N, D = len(e), C.shape[1]
+        g_q = dist_sum_(g_logQ.clone()) if g_logQ is not None else torch.zeros_like(col)
+        h = g_H / N if g_H is not None else None
+        g_e = torch.empty_like(e)
+        g_C = torch.zeros_like(C) if ctx.needs_input_grad[1] else None
+        for rows, Ck in _kept_code_blocks(C, ids, e.device):
+            p_r, l_r, ids_r = p[rows], logits[rows], ids[rows]
+            a = g_q[ids_r] * p_r / col[ids_r].clamp_min(torch.finfo(col.dtype).tiny)  # (rows, k) p~ w
+            G = torch.bmm(Ck, g_z[rows].unsqueeze(2)).squeeze(2) if g_z is not None else None  # (rows, k)
+            inner = -(a.sum(1, keepdim=True) + ((p_r * G).sum(1, keepdim=True) if G is not None else 0))  # -r
+            if G is not None:
+                inner = inner + G
+            if h is not None:
+                inner = inner + h * ((p_r * l_r).sum(1, keepdim=True) - l_r)
+            g_l = p_r * inner + a  # (rows, k) dL/dl
+            torch.bmm(g_l.unsqueeze(1), Ck, out=g_e[rows].unsqueeze(1)).mul_(2.0 * beta)
+            if g_C is not None:
+                flat = ids_r.reshape(-1)
+                upd = (2.0 * beta) * (g_l.unsqueeze(2) * (e[rows].unsqueeze(1) - Ck))  # (rows, k, D)
+                if g_z is not None:
+                    upd += p_r.unsqueeze(2) * g_z[rows].unsqueeze(1)
+                g_C.index_add_(0, flat, upd.reshape(-1, D))
+        return g_e, g_C, None, None, None, None, None, None
+
+
+def _kept_code_blocks(C, ids, device):
+    """(row slice, C[ids[rows]] (rows, k, D)) over blocks of rows, each gather a few MiB that stay in cache."""
+    N, k = ids.shape
+    step = max(1, CPU_CHUNK_ELEMENTS // (k * C.shape[1])) if device.type == "cpu" else N
+    for s in range(0, N, step):
+        rows = slice(s, s + step)
+        yield rows, C.index_select(0, ids[rows].reshape(-1)).view(-1, k, C.shape[1])
+
+
+@torch.no_grad()
+def topk_dropped_mass(e, C, log_Q0, beta: float, k: int, chunk: int) -> torch.Tensor:
+    """Mean over rows of the exact probability mass outside each row's k most likely codes (one E-step's p)."""
+    K = len(C)
+    W = _ba_logit_weights(C, (C * C).sum(1), log_Q0, beta)
+    e1 = _with_ones(e)
+    total, chunk = e.new_zeros(()), chunk_rows(chunk, K, e.device)
+    for s in range(0, len(e), chunk):
+        logits = e1[s:s + chunk] @ W.t()
+        p = torch.softmax(logits, 1)
+        lse = logits.amax(1) - p.amax(1).log()  # row logsumexp from two fast reductions
+        kept = (torch.logsumexp(logits.topk(k, dim=1).values, 1) - lse).exp()
+        total += (1 - kept).clamp_(min=0).sum()
+    return total / max(len(e), 1)
 
 
 @register_quantizer("ba_vq")
@@ -896,6 +1035,8 @@ class BAQuantizer(CodebookQuantizer):
         beta_start: float
         beta_end: float
         ba_iters: int
+        ba_topk: int
+        ba_topk_max_drop: float
         codebook_update: str
         marginal: str
         estimator: str
@@ -963,8 +1104,7 @@ class BAQuantizer(CodebookQuantizer):
             C = self.codebook.clone() if ema else self.codebook
             hard = hp.ba_forward == "hard" or not self.training  # evaluation reports the discrete model
             # z_soft: what a soft decoder sees in training, and validation's soft-PSNR diagnostic
-            z_soft, log_Q, idx, counts, sums, H_p, max_p = ba_assign(e, C, log_Q0, beta, hp.ba_iters, hp.chunk_size,
-                                                                     want_sums=ema, want_z=not hard or not self.training)
+            z_soft, log_Q, idx, counts, sums, H_p, max_p, topk = self._assign(e, C, log_Q0, beta, ema, hard)
             if not self.training:
                 idx = self._eval_codes(e.detach(), idx, beta)
             z_q = self.codebook[idx] if hard else z_soft  # (N, D)
@@ -977,6 +1117,7 @@ class BAQuantizer(CodebookQuantizer):
                 losses["mutual_info_loss"] = -hp.entropy_weight * (H_Q - H_p)
             metrics = {**self._batch_metrics(idx, z), "beta": self.beta.clone(), "max_p": max_p,
                        "H_p": H_p.detach(), "H_Q": H_Q.detach(), "mutual_info": (H_Q - H_p).detach()}
+            metrics.update(topk)
             if not self.training:  # the decoder on z_soft: soft PSNR, a diagnostic (the headline is hard codes)
                 metrics["z_soft"] = self._unflatten(z_soft, z)
             if self.training:
@@ -985,6 +1126,29 @@ class BAQuantizer(CodebookQuantizer):
                     metrics["restarts"] = self._restart_dead(e.detach())
             out = straight_through(e, z_q, hp.estimator)
         return self._unflatten(out, z).to(z.dtype), losses, metrics
+
+    TOPK_PROBE_STRIDE = 8  # training measures the top-k dropped mass on every 8th latent: 1/8 of a GEMM
+
+    def _assign(self, e, C, log_Q0, beta: float, ema: bool, hard: bool):
+        """ba_assign's outputs plus the top-k metrics. With ba_topk, training first measures the mass the
+        truncation would drop, exactly, on every TOPK_PROBE_STRIDE-th latent (`topk_dropped`); the step then runs
+        truncated when that is within ba_topk_max_drop, else exact (`topk_exact` = 1). Evaluation always runs
+        exact and measures the dropped mass on every latent."""
+        hp = self.hp
+        want_z = not hard or not self.training
+        metrics = {}
+        if hp.ba_topk:
+            rows = e.detach()[::self.TOPK_PROBE_STRIDE] if self.training else e.detach()
+            dropped = topk_dropped_mass(rows, C.detach(), log_Q0, beta, hp.ba_topk, hp.chunk_size)
+            metrics["topk_dropped"] = dist_sum_(dropped) / _world()  # every rank takes the same branch
+            if self.training:
+                truncate = metrics["topk_dropped"].item() <= hp.ba_topk_max_drop
+                metrics["topk_exact"] = torch.tensor(0.0 if truncate else 1.0)
+                if truncate:
+                    out = ba_assign_topk(e, C, log_Q0, beta, hp.ba_topk, hp.chunk_size, want_sums=ema, want_z=want_z)
+                    return (*out, metrics)
+        out = ba_assign(e, C, log_Q0, beta, hp.ba_iters, hp.chunk_size, want_sums=ema, want_z=want_z)
+        return (*out, metrics)
 
     def _use_count(self) -> torch.Tensor:
         return self.use_count
@@ -1032,7 +1196,7 @@ class BASeedQuantizer(BAQuantizer):
     outputs from before the options existed). Only these differ from `ba_vq`; every other hyperparameter (beta
     schedule, ba_iters, weights) is shared, so the seeds' runs give theirs (sweeps/seed_ablation.yaml)."""
     SEED_OPTIONS = {"ba_forward": "soft", "usage_term": "entropy", "beta_units": "absolute", "eval_codes": "batch",
-                    "dead_code_threshold": 0.0}
+                    "dead_code_threshold": 0.0, "ba_topk": 0}
 
     def __init__(self, params: "BAQuantizer.Params", dim: int):
         super().__init__(dataclasses.replace(params, **self.SEED_OPTIONS), dim)
@@ -2100,23 +2264,26 @@ def row_argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return best, j * ARGMAX_BLOCK + inner
 
 
-def _log_colsum(p, logits):
-    """log sum_n p_nk. Sums in linear space, and in log space (logsumexp) only for columns that underflow, so
-    log Q stays finite even at beta = 1e4. A column counts as underflowing when all its terms may be subnormal
-    (sum < rows x smallest normal), where float32 keeps too few digits (a sum stored as 2.8e-45 was 13% off)."""
-    col = p.sum(0)
+def _log_colsum(col, e1, W, lse_row, chunk):
+    """log sum_n p_nk from the linear column sums `col` (K,), and in log space (logsumexp) for the columns whose sum
+    underflows, so log Q stays finite even at beta = 1e4. A column counts as underflowing when all its terms may be
+    subnormal (sum < N x smallest normal), where float32 keeps too few digits (a sum stored as 2.8e-45 was 13% off);
+    above that the subnormal terms' rounding is below 1e-7 of the sum. Those columns' logits are formed again (a GEMM
+    of N x (their number)), log p = logits - lse_row."""
     out = col.log()
-    under = col < torch.finfo(col.dtype).tiny * len(p)
-    if under.any():
-        cols = under.nonzero().squeeze(1)
-        # log p = logits - (row logsumexp), and the row logsumexp is max logits - log max p, as the largest p is
-        # exp(max - logsumexp): two fast reductions instead of another exp pass over the chunk
-        lse_row = logits.amax(1, keepdim=True) - p.amax(1, keepdim=True).log()
-        log_p = logits.index_select(1, cols) - lse_row  # (chunk, n_under)
+    under = col < torch.finfo(col.dtype).tiny * len(e1)
+    if not bool(under.any()):
+        return out
+    cols = under.nonzero().squeeze(1)
+    Wu = W.index_select(0, cols)  # (n_under, D+1)
+    lse = torch.full((len(cols),), -math.inf, dtype=col.dtype, device=col.device)
+    for s in range(0, len(e1), chunk):
+        log_p = (e1[s:s + chunk] @ Wu.t()).sub_(lse_row[s:s + chunk, None])  # (chunk, n_under)
         m = log_p.amax(0)
         # a column's logsumexp. Terms more than 87 below the column max add < 1e-38 to a sum >= 1, so clamping
         # them there changes nothing and keeps exp off its slow underflow path (about 10x slower on CPU)
-        out[cols] = log_p.sub_(m).clamp_(min=-87.0).exp_().sum(0).log_().add_(m)
+        lse = torch.logaddexp(lse, log_p.sub_(m).clamp_(min=-87.0).exp_().sum(0).log_().add_(m))
+    out[cols] = lse
     return out
 
 

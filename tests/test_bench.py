@@ -29,13 +29,13 @@ def quick(tmp_path_factory):
 
 def test_quick_json_has_every_case_with_positive_times(quick):
     result, _ = quick
-    assert {"meta", "grid", "target_sizes", "quantizers", "training", "targets"} <= set(result)
+    assert {"meta", "grid", "target_sizes", "quantizers", "training", "steps", "targets"} <= set(result)
     meta = result["meta"]
     assert meta["torch"] and meta["device"] == "cpu" and meta["logical_cores"] >= 1 and meta["cpu"]
-    impls = {"vq_ema", "ba", "ba_direct"} | ({"vqp"} if meta["vector_quantize_pytorch"] else set())
+    impls = {"vq_ema", "ba", "ba_topk", "ba_direct"} | ({"vqp"} if meta["vector_quantize_pytorch"] else set())
     grid = result["grid"]
     expected = {(impl, K, it) for K in grid["codebook_sizes"] for impl in impls
-                for it in (grid["iters"] if impl.startswith("ba") else [None])}
+                for it in (grid["iters"] if impl in ("ba", "ba_direct") else [1] if impl == "ba_topk" else [None])}
     rows = result["quantizers"]
     assert {(r["impl"], r["K"], r["ba_iters"]) for r in rows} == expected and len(rows) == len(expected)
     for r in rows:
@@ -49,12 +49,22 @@ def test_quick_json_has_every_case_with_positive_times(quick):
     assert {(r["arch"], r["quantizer"]) for r in train} == {(a, q) for a in ("residual", "compact")
                                                             for q in registered}
     assert all(r["images_per_s"] > 0 and r["ms_per_step"] > 0 for r in train)
+    steps = result["steps"]
+    assert {(r["impl"], r["K"]) for r in steps} == {(i, K) for i in ("vq_ema", "ba", "ba_topk")
+                                                    for K in grid["step_codebook_sizes"]}
+    for r in steps:
+        assert r["ms_per_step"] > 0 and len(r["ms_all"]) == r["repeats"] == 1
+        vq = next(v for v in steps if v["impl"] == "vq_ema" and v["K"] == r["K"])
+        assert r["vs_vq_ema"] == pytest.approx(r["ms_per_step"] / vq["ms_per_step"])
 
 
 def test_quick_targets_are_ratios_of_measured_rows(quick):
     result, _ = quick
     targets = {t["target"]: t for t in result["targets"]}
-    assert len(targets) == 6
+    large = result["target_sizes"]["large"]
+    assert len(targets) == 6 + 2 + 2  # the first issue's six, the step ratios and peak memory of ba and ba_topk
+    step = targets[f"ba_topk training step / vq_ema's, K={large}"]
+    assert step["status"] == ("PASS" if step["ratio"] <= 2.0 else "MISS")
     small = result["target_sizes"]["small"]
     rows = {(r["impl"], r["K"], r["ba_iters"]): r for r in result["quantizers"]}
     ba_over_vq = targets[f"BA (ba_iters 1) time / VQ-EMA time, K={small}"]

@@ -1,10 +1,16 @@
 """Mean ± std over seeds of a sweep's results.csv, grouped by key_change, as a Markdown table.
 
     python tools/summarize_sweep.py results/ba_vs_vq/results.csv
+    python tools/summarize_sweep.py results/ba_vs_vq/results.csv --order file   # groups as they appear in the csv
+
+The last column, s/step, is read from each run's metrics.jsonl (<folder of results.csv>/<experiment>).
 """
+import argparse
 import csv
+import json
 import statistics
-import sys
+from pathlib import Path
+from typing import Optional
 
 COLUMNS = [("psnr", "hard-code PSNR (dB)", 1, ".2f"), ("psnr_per_image", "per-image PSNR (dB)", 1, ".2f"),
            ("ssim", "SSIM", 1, ".3f"),
@@ -12,6 +18,8 @@ COLUMNS = [("psnr", "hard-code PSNR (dB)", 1, ".2f"), ("psnr_per_image", "per-im
            ("usage_rate", "usage (%)", 100, ".1f"), ("perplexity", "perplexity", 1, ".1f"),
            ("dead_codes", "dead codes", 1, ".0f"), ("max_p", "mean max p", 1, ".3f"),
            ("mutual_info", "I (nats)", 1, ".2f")]
+STEP_TIME_HEADER, STEP_TIME_SPEC = "s/step", ".3f"
+ORDERS = ("psnr", "file")
 
 
 def fmt(values, scale, spec):
@@ -23,19 +31,74 @@ def fmt(values, scale, spec):
     return f"{format(statistics.mean(values), spec)} ± {format(statistics.stdev(values), spec)}"
 
 
-def summarize(path: str) -> str:
-    with open(path) as fh:
-        rows = [r for r in csv.DictReader(fh) if r.get("psnr")]
-    groups: dict[str, list[dict]] = {}
+def epoch_records(metrics_path: Path) -> list[dict]:
+    """The per-epoch records of a metrics.jsonl, in file order. Parsed here rather than with runs.read_jsonl so
+    the tool does not import torch; like it, a line cut short by a killed run is skipped."""
+    if not metrics_path.exists():
+        return []
+    records = []
+    for line in metrics_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        # train/* records carry "epoch" too; only the end-of-epoch record has epoch_time
+        if isinstance(record, dict) and "epoch_time" in record:
+            records.append(record)
+    return records
+
+
+def seconds_per_step(run_dir: Path) -> Optional[float]:
+    """Median over epochs of epoch_time / steps in that epoch; None without epoch records. The median, not the
+    mean, so that a few epochs slowed by a shared machine or a pause do not set the run's speed."""
+    rates, previous_step = [], 0
+    for record in epoch_records(run_dir / "metrics.jsonl"):
+        steps = record["step"] - previous_step
+        previous_step = record["step"]
+        if steps > 0:  # guards the division; a resumed run's metrics.jsonl has no repeated steps
+            rates.append(record["epoch_time"] / steps)
+    return statistics.median(rates) if rates else None
+
+
+def step_time_cell(rows: list[dict], sweep_dir: Path) -> str:
+    times = [seconds_per_step(sweep_dir / r["experiment"]) for r in rows if r.get("experiment")]
+    return fmt([t for t in times if t is not None], 1, STEP_TIME_SPEC)
+
+
+def ordered_groups(rows: list[dict], order: str) -> list[tuple[str, list[dict]]]:
+    """Rows grouped by key_change: best mean PSNR first, or (order="file") in order of first appearance."""
+    groups: dict[str, list[dict]] = {}  # dicts keep insertion order, which is the file order
     for r in rows:
         groups.setdefault(r["key_change"], []).append(r)
-    lines = ["| method | seeds | " + " | ".join(c[1] for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
-    for name, rs in sorted(groups.items(), key=lambda kv: -statistics.mean(float(r["psnr"]) for r in kv[1])):
+    if order == "file":
+        return list(groups.items())
+    return sorted(groups.items(), key=lambda kv: -statistics.mean(float(r["psnr"]) for r in kv[1]))
+
+
+def summarize(path: str, order: str = "psnr") -> str:
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, not {order!r}")
+    with open(path) as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("psnr")]
+    sweep_dir = Path(path).parent
+    headers = [c[1] for c in COLUMNS] + [STEP_TIME_HEADER]
+    lines = ["| method | seeds | " + " | ".join(headers) + " |", "|---" * (len(headers) + 2) + "|"]
+    for name, rs in ordered_groups(rows, order):
         cells = [fmt([float(r[k]) for r in rs if r.get(k) not in (None, "")], scale, spec)
                  for k, _, scale, spec in COLUMNS]
+        cells.append(step_time_cell(rs, sweep_dir))
         lines.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("path", help="a sweep's results.csv")
+    parser.add_argument("--order", choices=ORDERS, default="psnr",
+                        help="group order: best mean PSNR first (default) or first appearance in the csv")
+    args = parser.parse_args(argv)
+    print(summarize(args.path, args.order), end="")
+
+
 if __name__ == "__main__":
-    print(summarize(sys.argv[1]), end="")
+    main()

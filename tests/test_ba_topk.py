@@ -1,0 +1,98 @@
+"""BA's top-k truncation (ba_topk): exact when it keeps every code, its dropped mass measured, exact beyond a bound."""
+import math
+
+import pytest
+import torch
+
+import vqvae
+
+
+def problem(seed=0, N=200, K=40, D=5):
+    g = torch.Generator().manual_seed(seed)
+    e, C = torch.randn(N, D, generator=g, dtype=torch.float64), torch.randn(K, D, generator=g, dtype=torch.float64)
+    log_Q0 = torch.log_softmax(torch.randn(K, generator=g, dtype=torch.float64), 0)
+    w_z, w_q = torch.randn(N, D, generator=g, dtype=torch.float64), torch.randn(K, generator=g, dtype=torch.float64)
+    return e, C, log_Q0, w_z, w_q
+
+
+def outputs_and_grads(assign, e0, C0, w_z, w_q):
+    """Every output of an assignment and the gradients of a loss that reads z, log Q and H_p."""
+    e, C = e0.clone().requires_grad_(), C0.clone().requires_grad_()
+    z, log_Q, idx, counts, sums, H_p, max_p = assign(e, C)[:7]
+    ((z * w_z).sum() + (log_Q * w_q).sum() + vqvae.entropy_from_log(log_Q) - 0.7 * H_p).backward()
+    return [z, log_Q, idx, counts, sums, H_p, max_p, e.grad, C.grad]
+
+
+@pytest.mark.parametrize("beta", [0.3, 2.0])
+def test_keeping_every_code_equals_the_exact_assignment(beta):
+    e, C, log_Q0, w_z, w_q = problem()
+    exact = outputs_and_grads(lambda e, C: vqvae.ba_assign(e, C, log_Q0, beta, 1, 64, want_sums=True), e, C, w_z, w_q)
+    topk = outputs_and_grads(lambda e, C: vqvae.ba_assign_topk(e, C, log_Q0, beta, len(C), 64, want_sums=True),
+                             e, C, w_z, w_q)
+    names = ["z", "log_Q", "idx", "counts", "sums", "H_p", "max_p", "grad_e", "grad_C"]
+    for name, a, b in zip(names, exact, topk):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("beta,k", [(0.5, 5), (3.0, 3), (3.0, 10)])
+def test_dropped_mass_is_the_exact_mass_outside_the_top_k(beta, k):
+    e, C, log_Q0 = problem(1)[:3]
+    dropped = vqvae.topk_dropped_mass(e, C, log_Q0, beta, k, 64)
+    p = torch.softmax(log_Q0 - beta * torch.cdist(e, C).square(), 1)  # the direct formula
+    torch.testing.assert_close(dropped, (1 - p.topk(k, 1).values.sum(1)).mean(), rtol=1e-9, atol=1e-12)
+    assert dropped > 0
+
+
+def test_truncation_error_follows_the_dropped_mass():
+    """With sharp assignments (little mass outside the top 4) the truncated outputs and gradients are close."""
+    e, C, log_Q0, w_z, w_q = problem(2)
+    beta = 8.0
+    dropped = vqvae.topk_dropped_mass(e, C, log_Q0, beta, 4, 64)
+    assert dropped < 1e-3
+    exact = outputs_and_grads(lambda e, C: vqvae.ba_assign(e, C, log_Q0, beta, 1, 64), e, C, w_z, w_q)
+    topk = outputs_and_grads(lambda e, C: vqvae.ba_assign_topk(e, C, log_Q0, beta, 4, 64), e, C, w_z, w_q)
+    for i in (0, 5, 7):  # z, H_p, grad_e
+        assert (exact[i] - topk[i]).norm() <= 50 * dropped.sqrt() * exact[i].norm()
+    assert torch.equal(exact[2], topk[2])  # the hard codes
+
+
+def make_q(**overrides):
+    cfg = vqvae.Config(quantizer="ba_vq", codebook_size=32, kmeans_iters=3, dead_code_threshold=0.0, **overrides)
+    return vqvae.make_quantizer(cfg, 6)
+
+
+def test_quantizer_uses_top_k_within_the_bound_and_falls_back_to_exact_beyond_it():
+    z = torch.randn(4, 6, 5, 5, generator=torch.Generator().manual_seed(3))
+    runs = {}
+    for name, overrides in {"exact": {}, "topk": {"ba_topk": 6, "ba_topk_max_drop": 1.0},
+                            "fallback": {"ba_topk": 6, "ba_topk_max_drop": 0.0}}.items():
+        torch.manual_seed(0)
+        q = make_q(beta_start=2.0, **overrides).train()
+        q(z)  # k-means initialisation
+        leaf = z.clone().requires_grad_()
+        z_q, losses, metrics = q(leaf)
+        (z_q.square().sum() + sum(losses.values())).backward()
+        runs[name] = (z_q, sum(losses.values()), leaf.grad, q.codebook.clone(), metrics)
+    assert runs["topk"][4]["topk_exact"] == 0 and runs["fallback"][4]["topk_exact"] == 1
+    assert 0 < runs["topk"][4]["topk_dropped"] < 1
+    for a, b in zip(runs["exact"][:4], runs["fallback"][:4]):  # beyond the bound: the exact step, bit for bit
+        assert torch.equal(a, b)
+    assert not torch.equal(runs["exact"][1], runs["topk"][1])  # within it: the truncated one
+    q = make_q(ba_topk=6).eval()
+    q.codebook.copy_(torch.randn(32, 6))
+    metrics = q(z)[2]
+    assert 0 <= metrics["topk_dropped"] <= 1  # evaluation reports the exact mass the truncation would drop
+
+
+@pytest.mark.parametrize("overrides,message", [({"ba_topk": 4, "ba_iters": 2}, "ba_iters 1"),
+                                               ({"ba_topk": 32}, "below codebook_size"),
+                                               ({"ba_topk": 4, "ba_topk_max_drop": 2.0}, "ba_topk_max_drop")])
+def test_top_k_settings_are_checked(overrides, message):
+    with pytest.raises(vqvae.UserError, match=message):
+        vqvae.Config(quantizer="ba_vq", codebook_size=32, **overrides)
+
+
+def test_seed_mode_stays_exact():
+    cfg = vqvae.Config(quantizer="ba_seed", codebook_size=32, ba_topk=4)
+    assert vqvae.make_quantizer(cfg, 6).hp.ba_topk == 0
+    assert math.isfinite(vqvae.LOG_Q_FLOOR) and math.exp(vqvae.LOG_Q_FLOOR) == 0.0
