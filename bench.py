@@ -275,7 +275,8 @@ def _progress(row: dict):
                                                                "quantizer") and v is not None)
     result = (f"{row['ms']:.1f} ms, peak +{row['peak_mib'] or 0:.0f} MiB" if "ms" in row and row["ms"]
               else f"{row['images_per_s']:.1f} images/s" if "images_per_s" in row
-              else f"{row['ms_per_step']:.0f} ms/step" if "ms_per_step" in row else row.get("skipped"))
+              else f"{row['ms_per_step']:.0f} ms/step" if row.get("ms_per_step")
+              else row.get("skipped") or row.get("failed"))
     print(f"[bench] {what}: {result}", file=sys.stderr, flush=True)
 
 
@@ -314,7 +315,7 @@ def step_rows(grid: dict, device, args) -> list[dict]:
     """ms per training step of vq_ema, ba and ba_topk at each K, the three timed in turn (see the docstring)."""
     rows = []
     for K in grid["step_codebook_sizes"]:
-        steps, tmps = {}, []
+        steps, tmps, failed = {}, [], []
         for impl, overrides in ((i, o) for i, o in STEP_IMPLS.items() if i in args.impls):
             extra = {"ba_topk": min(args.topk, K - 1)} if impl == "ba_topk" else {}
             cfg = vqvae.Config(dataset="cifar10-sample", arch="compact", codebook_size=K, epochs=100,
@@ -330,7 +331,12 @@ def step_rows(grid: dict, device, args) -> list[dict]:
                     trainer.step += 1
                     i[0] += 1
                     trainer.check_finite()
-            time_passes(step, device, 1)  # k-means initialisation and a first pass
+            try:
+                time_passes(step, device, 1)  # k-means initialisation and a first pass
+            except vqvae.NonFiniteError as err:  # a code state that cannot train is a result, not a crash
+                failed.append({"impl": impl, "K": K, "batch": grid["step_batch"], "ms_per_step": None,
+                               "vs_vq_ema": None, "repeats": 0, "peak_mib": None, "failed": str(err).split(";")[0]})
+                continue
             steps[impl] = step
         times = {impl: [] for impl in steps}
         for _ in range(args.repeats):
@@ -344,9 +350,10 @@ def step_rows(grid: dict, device, args) -> list[dict]:
                    "peak_mib": peak_increase_mib(step, device)}
             _progress(row)
             rows.append(row)
-        vq = times.get("vq_ema") and rows[-len(steps)]  # vq_ema, when timed, is the first of this K's rows
-        for row in rows[-len(steps):]:
+        vq = times.get("vq_ema") and rows[len(rows) - len(steps)]  # vq_ema, when timed, is this K's first row
+        for row in rows[len(rows) - len(steps):]:
             row["vs_vq_ema"] = row["ms_per_step"] / vq["ms_per_step"] if vq else None
+        rows += failed
         for tmp in tmps:
             tmp.cleanup()
     return rows
@@ -404,14 +411,21 @@ def step_targets(rows: list[dict], sizes: dict) -> list[dict]:
     for K in sorted({sizes["large"], sizes["huge"]}):
         by = {r["impl"]: r for r in rows if r["K"] == K}
         for impl in ("ba", "ba_topk"):
-            if impl not in by or by[impl]["vs_vq_ema"] is None:
+            if impl not in by:
                 continue
-            r, v = by[impl], by["vq_ema"]
+            r = by[impl]
+            if r.get("failed"):
+                out.append({"target": f"{impl} training step / vq_ema's, K={K}", "ratio": None, "need": 2.0,
+                            "op": "≤", "status": "MISS", "from": r["failed"]})
+                continue
+            if r["vs_vq_ema"] is None:
+                continue
+            v = by["vq_ema"]
             out.append({"target": f"{impl} training step / vq_ema's, K={K}", "ratio": round(r["vs_vq_ema"], 3),
                         "need": 2.0, "op": "≤", "status": "PASS" if r["vs_vq_ema"] <= 2.0 else "MISS",
                         "from": f"{impl} {r['ms_per_step']:.0f} ms / vq_ema {v['ms_per_step']:.0f} ms"})
     for r in rows:
-        if r["K"] == sizes["huge"] and r["impl"].startswith("ba") and r["peak_mib"] is not None:
+        if r["K"] == sizes["huge"] and r["impl"].startswith("ba") and r.get("peak_mib") is not None:
             gib = r["peak_mib"] / 1024
             out.append({"target": f"{r['impl']} training step peak memory increase in GiB, K={r['K']}",
                         "ratio": round(gib, 3), "need": 1.5, "op": "≤", "status": "PASS" if gib <= 1.5 else "MISS",
@@ -455,6 +469,9 @@ def markdown(result: dict, command: str) -> str:
                   "| impl | K | batch | ms/step | vs vq_ema | passes | peak mem increase MiB |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for r in result["steps"]:
+            if r.get("failed"):
+                lines.append(f"| {r['impl']} | {r['K']} | {r['batch']} | failed: {r['failed']} | | | |")
+                continue
             peak = f"{r['peak_mib']:.0f}" if r.get("peak_mib") is not None else "-"
             lines.append(f"| {r['impl']} | {r['K']} | {r['batch']} | {r['ms_per_step']:.0f} | "
                          f"{'-' if r['vs_vq_ema'] is None else format(r['vs_vq_ema'], '.2f') + 'x'} | "

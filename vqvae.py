@@ -915,7 +915,7 @@ class _BATopK(torch.autograd.Function):
         e1 = _with_ones(e)
         logits, ids = e.new_empty(N, k), torch.empty(N, k, dtype=torch.long, device=e.device)
         for s in range(0, N, chunk):  # the only (rows, K) work: one GEMM and a top-k per chunk
-            torch.topk(e1[s:s + chunk] @ W.t(), k, dim=1, out=(logits[s:s + chunk], ids[s:s + chunk]))
+            logits[s:s + chunk], ids[s:s + chunk] = row_topk(e1[s:s + chunk] @ W.t(), k)
         logits -= logits[:, :1].clone()  # l - max l, as in _BAAssign (p, H and the backward read differences)
         lse = torch.logsumexp(logits, 1, keepdim=True)  # (N, 1) over the kept codes
         p = (logits - lse).exp()  # (N, k), rows sum to 1
@@ -988,7 +988,7 @@ def topk_dropped_mass(e, C, log_Q0, beta: float, k: int, chunk: int) -> torch.Te
         logits = e1[s:s + chunk] @ W.t()
         p = torch.softmax(logits, 1)
         lse = logits.amax(1) - p.amax(1).log()  # row logsumexp from two fast reductions
-        kept = (torch.logsumexp(logits.topk(k, dim=1).values, 1) - lse).exp()
+        kept = (torch.logsumexp(row_topk(logits, k)[0], 1) - lse).exp()
         total += (1 - kept).clamp_(min=0).sum()
     return total / max(len(e), 1)
 
@@ -1085,8 +1085,13 @@ class BAQuantizer(CodebookQuantizer):
         if self.hp.beta_units == "absolute":
             return self.current_beta()
         if self.training and not self.d_mean > 0:  # first step: dbar from this batch's nearest codes
-            idx = nearest_code(e, self.codebook.detach(), self.hp.chunk_size)
-            self.d_mean.copy_(dist_sum_((e - self.codebook.detach()[idx]).square().sum(1).mean()) / _world())
+            codes, rows = self.codebook.detach(), e
+            if self.K >= len(e) * _world() and len(e) >= 2:
+                # k-means put a code on (next to) every latent of this batch, so its distances are ~0 and beta / dbar
+                # would overflow the gradients; half the batch's latents stand in as codes for the other half
+                codes, rows = e[1::2], e[::2]
+            idx = nearest_code(rows, codes, self.hp.chunk_size)
+            self.d_mean.copy_(dist_sum_((rows - codes[idx]).square().sum(1).mean()) / _world())
         return self.current_beta() / max(self.d_mean.item(), 1e-30)
 
     def forward(self, z: torch.Tensor):
@@ -2262,6 +2267,24 @@ def row_argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     best, j = blocks.amax(2).max(1)
     inner = blocks[torch.arange(R, device=x.device), j].argmax(1)
     return best, j * ARGMAX_BLOCK + inner
+
+
+TOPK_BLOCK = 64  # row_topk's block of columns
+
+
+def row_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x.topk(k, dim=1) (values and indices, largest first) of x (R, K). On CPU torch's topk over a long row costs
+    ~10 times an amax, so: the max of each block of TOPK_BLOCK columns (vectorised), the k blocks with the largest
+    maxima (they hold the k largest entries: any other block's entries are at most its max, which is at most the
+    k-th largest block max, which is at most the k-th largest entry), then topk over those k blocks' entries."""
+    R, K = x.shape
+    if x.device.type != "cpu" or K % TOPK_BLOCK or K // TOPK_BLOCK <= k:
+        return x.topk(k, dim=1)
+    blocks = x.view(R, K // TOPK_BLOCK, TOPK_BLOCK)
+    best = blocks.amax(2).topk(k, dim=1).indices  # (R, k)
+    cand = blocks.gather(1, best[:, :, None].expand(R, k, TOPK_BLOCK)).view(R, k * TOPK_BLOCK)
+    values, j = cand.topk(k, dim=1)
+    return values, best.gather(1, j // TOPK_BLOCK) * TOPK_BLOCK + j % TOPK_BLOCK
 
 
 def _log_colsum(col, e1, W, lse_row, chunk):

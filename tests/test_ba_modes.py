@@ -203,3 +203,17 @@ def test_a_state_from_before_use_count_loads_with_it_filled_from_the_cluster_siz
     old["ema_count"] = torch.arange(24.0)
     q.load_state_dict(old)
     assert torch.equal(q.use_count, torch.arange(24.0))
+
+
+def test_more_codes_than_latents_keeps_relative_beta_finite():
+    """K >= the batch's latents (K = 65,536 at batch 128): k-means puts a code next to every latent, and dbar measured
+    on that batch would be ~0. It is measured against the batch's other latents instead."""
+    torch.manual_seed(0)
+    q = make_q(K=64, beta_start=100.0, beta_end=100.0).train()
+    z = torch.randn(2, 6, 4, 4, requires_grad=True)  # 32 latents
+    z_q, losses, _ = q(z)
+    (z_q.square().sum() + sum(losses.values())).backward()
+    assert torch.isfinite(z.grad).all()
+    e = z.detach().permute(0, 2, 3, 1).reshape(-1, 6)
+    nn = torch.cdist(e[::2], e[1::2]).square().min(1).values.mean()  # the stand-in's own definition
+    assert 0.9 < q.d_mean / nn < 1.1  # (after one EMA step towards this batch's distances to its codes)

@@ -99,3 +99,16 @@ def test_ba_matches_direct_when_chunks_underflow(iters, learn_codebook):
         else:
             assert torch.isfinite(a).all(), name
             assert ((a - b).norm() / b.norm()).item() <= 1e-4, name
+
+
+@pytest.mark.parametrize("K,k", [(4096, 16), (640, 9), (256, 8), (100, 5)])
+def test_row_topk_equals_torch_topk(K, k):
+    """Blocked top-k (CPU fast path where K is a multiple of the block) against torch.topk, ties included."""
+    g = torch.Generator().manual_seed(K)
+    x = torch.randn(37, K, generator=g)
+    x[0, 5:40] = 7.0  # a row of ties at the top
+    v, i = vqvae.row_topk(x, k)
+    want_v, _ = x.topk(k, dim=1)
+    assert torch.equal(v, want_v)
+    assert torch.equal(x.gather(1, i), v)  # the indices point at those values
+    assert (i.sort(1).values.diff(dim=1) > 0).all()  # distinct columns
