@@ -1144,11 +1144,13 @@ class BAQuantizer(CodebookQuantizer):
         metrics = {}
         if hp.ba_topk:
             rows = e.detach()[::self.TOPK_PROBE_STRIDE] if self.training else e.detach()
-            dropped = topk_dropped_mass(rows, C.detach(), log_Q0, beta, hp.ba_topk, hp.chunk_size)
-            metrics["topk_dropped"] = dist_sum_(dropped) / _world()  # every rank takes the same branch
+            dropped = topk_dropped_mass(rows, C.detach(), log_Q0, beta, hp.ba_topk, hp.chunk_size) * len(rows)
+            # the mean over all ranks' rows (a ragged validation batch splits unevenly); every rank takes one branch
+            n = dist_sum_(torch.tensor(float(len(rows)), device=e.device))
+            metrics["topk_dropped"] = dist_sum_(dropped) / n.clamp_min(1)
             if self.training:
                 truncate = metrics["topk_dropped"].item() <= hp.ba_topk_max_drop
-                metrics["topk_exact"] = torch.tensor(0.0 if truncate else 1.0)
+                metrics["topk_exact"] = torch.tensor(0.0 if truncate else 1.0, device=e.device)
                 if truncate:
                     out = ba_assign_topk(e, C, log_Q0, beta, hp.ba_topk, hp.chunk_size, want_sums=ema, want_z=want_z)
                     return (*out, metrics)

@@ -28,6 +28,9 @@ CONFIGS = {
     # usage summed over ranks, anchors chosen among all ranks' outputs (K = 128 leaves some codes unused, which
     # move far), codes moved in place
     "cvq": {"quantizer": "cvq", "codebook_size": 128},
+    # BA's top-k path: the global marginal from kept entries, its adjoint, the probe's dropped mass averaged so that
+    # every rank takes the same branch (max drop 1: always truncated)
+    "ba_topk": {"quantizer": "ba_vq", "ba_topk": 4, "ba_topk_max_drop": 1.0, "entropy_weight": 1.0},
 }
 STEPS = 2
 BASE_LR = vqvae.Config().lr
