@@ -64,7 +64,8 @@ def test_seconds_per_step_is_the_median_over_epochs(sweep_csv):
     for name, (*_, epochs) in RUNS.items():
         got = summarize_sweep.seconds_per_step(sweep_csv.parent / name)
         assert got == pytest.approx(median_rate(epochs))
-        assert got != pytest.approx(statistics.mean(s / n for n, s in epochs))  # slow epochs pull the mean, not the median
+        # slow epochs pull the mean, not the median
+        assert got != pytest.approx(statistics.mean(s / n for n, s in epochs))
 
 
 def test_table_cells_are_mean_and_std_over_seeds(sweep_csv):
