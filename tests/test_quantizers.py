@@ -233,8 +233,8 @@ def test_ba_finite_at_huge_beta(dtype):
 @pytest.mark.parametrize("cache", [True, False])
 def test_ba_gradient_exact_where_q_underflows_in_float32(cache):
     """Codes ~14 units from every latent (8 per coordinate) get Q ~ e^-200: 0 in float32, not in float64. Their
-    log Q still carries gradient (a loss weighting log Q directly), which the backward forms in log space; float32 chunked must match
-    the float64 direct formula."""
+    log Q still carries gradient (a loss weighting log Q directly), which the backward forms in log space; float32
+    chunked must match the float64 direct formula."""
     g = torch.Generator().manual_seed(5)
     e0 = torch.randn(90, 3, generator=g, dtype=torch.float64)
     C0 = torch.cat([torch.randn(8, 3, generator=g, dtype=torch.float64),
