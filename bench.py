@@ -25,7 +25,7 @@ sample, for each arch x quantizer.
 Step rows: the same training step for the compact arch at batch 128 and K = --step_codebook_sizes, for vq_ema, exact
 ba_vq and ba_vq with top-k (those of them in --impls), timed in alternation (one pass of several steps each, in
 turn, --repeats times) so that a machine's drift hits all three alike; the ratio to vq_ema is the figure. An epoch
-of the CIFAR-10 subset (5,085 images) is 40 such steps.
+of the CIFAR-10 subset (5,085 images) is 39 such steps.
 """
 from __future__ import annotations
 
