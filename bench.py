@@ -197,7 +197,7 @@ def make_forward(impl: str, D: int, K: int, iters: int, device, chunk: int, beta
             return z_q, loss.sum()
         return forward_vqp, "BND"
     kind = "vq_ema" if impl == "vq_ema" else "ba_vq"
-    topk = {"ba_topk": min(topk_k, K - 1), "ba_topk_max_drop": 1.0} if impl == "ba_topk" else {}
+    topk = {"ba_topk": topk_k, "ba_topk_max_drop": 1.0} if impl == "ba_topk" else {}
     cfg = vqvae.Config(quantizer=kind, codebook_size=K, ba_iters=iters, chunk_size=chunk, wandb=False, **topk)
     q = vqvae.make_quantizer(cfg, D).to(device).train()
     if kind == "ba_vq":
@@ -229,13 +229,14 @@ def dense_gib(impl: str, N: int, K: int, iters: int) -> float:
 
 def run_case(impl, N, D, K, iters, device, args) -> dict:
     row = {"impl": impl, "N": N, "D": D, "K": K, "ba_iters": iters if impl.startswith("ba") else None}
+    topk_k = min(args.topk, K - 1)  # ba_topk must stay below K
     if impl == "ba_topk":
-        row["topk"] = min(args.topk, K - 1)
+        row["topk"] = topk_k
     if dense_gib(impl, N, K, iters) > args.dense_max_gib:
         return {**row, "ms": None, "skipped": f"needs about {dense_gib(impl, N, K, iters):.0f} GiB of (N, K) "
                                               f"matrices (> --dense_max_gib {args.dense_max_gib:g})"}
     torch.manual_seed(0)
-    forward, layout = make_forward(impl, D, K, iters, device, args.chunk_size, args.beta, args.topk)
+    forward, layout = make_forward(impl, D, K, iters, device, args.chunk_size, args.beta, topk_k)
     # N encoder vectors as a (B, D, 8, 8) feature map, like the encoders' output
     z = torch.randn(N // 64, D, 8, 8, generator=torch.Generator().manual_seed(1)).to(device)
     x = z.permute(0, 2, 3, 1).reshape(N // 64, 64, D).contiguous() if layout == "BND" else z

@@ -834,10 +834,10 @@ class _BAIteration:
         W = _ba_logit_weights(C, (C * C).sum(1), self.log_Q_prev, beta)  # (K, D+1)
         e1 = _with_ones(e)  # (N, D+1)
         w = g_q * torch.exp(-self.log_Q - self.log_N)  # (K,)
-        tiny = ~torch.isfinite(w)  # Q_t,k below ~1e-38: these columns' p w terms go through log space
-        tiny = tiny.nonzero().squeeze(1) if bool(tiny.any()) else None
+        overflow = ~torch.isfinite(w)  # Q_t,k below ~1e-38: these columns' p w terms go through log space
+        tiny = overflow.nonzero().squeeze(1) if bool(overflow.any()) else None
         if tiny is not None:
-            w = w.masked_fill(~torch.isfinite(w), 0.0)
+            w = w.masked_fill(overflow, 0.0)
         h = g_H / len(e) if g_H is not None else None
         # [g_z, s, 1] @ [C, 1, w]^T = G + s + w: one GEMM forms the row and column terms beside G
         B = torch.cat([C, torch.ones_like(w)[:, None], w[:, None]], 1) if g_z is not None else None
@@ -985,11 +985,9 @@ def topk_dropped_mass(e, C, log_Q0, beta: float, k: int, chunk: int) -> torch.Te
     e1 = _with_ones(e)
     total, chunk = e.new_zeros(()), chunk_rows(chunk, K, e.device)
     for s in range(0, len(e), chunk):
-        logits = e1[s:s + chunk] @ W.t()
-        p = torch.softmax(logits, 1)
-        lse = logits.amax(1) - p.amax(1).log()  # row logsumexp from two fast reductions
-        kept = (torch.logsumexp(row_topk(logits, k)[0], 1) - lse).exp()
-        total += (1 - kept).clamp_(min=0).sum()
+        p = torch.softmax(e1[s:s + chunk] @ W.t(), 1)  # (chunk, K)
+        # the k largest p are the k largest logits'; summing p avoids a logsumexp of logits ~1e3 from 0
+        total += (1 - row_topk(p, k)[0].sum(1)).clamp_(min=0).sum()
     return total / max(len(e), 1)
 
 

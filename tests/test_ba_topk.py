@@ -96,3 +96,14 @@ def test_seed_mode_stays_exact():
     cfg = vqvae.Config(quantizer="ba_seed", codebook_size=32, ba_topk=4)
     assert vqvae.make_quantizer(cfg, 6).hp.ba_topk == 0
     assert math.isfinite(vqvae.LOG_Q_FLOOR) and math.exp(vqvae.LOG_Q_FLOOR) == 0.0
+
+
+def test_dropped_mass_keeps_float32_precision_far_from_the_origin():
+    """Latents ~20 units from 0 put the logits ~1e3 from 0; the float32 mass still matches float64's to 1e-6."""
+    g = torch.Generator().manual_seed(0)
+    e = 20 + torch.randn(2000, 8, generator=g, dtype=torch.float64)
+    C = e[:256] + 0.05 * torch.randn(256, 8, generator=g, dtype=torch.float64)
+    log_Q0 = torch.full((256,), -math.log(256), dtype=torch.float64)
+    want = vqvae.topk_dropped_mass(e, C, log_Q0, 2.0, 16, 4096)
+    got = vqvae.topk_dropped_mass(e.float(), C.float(), log_Q0.float(), 2.0, 16, 4096)
+    assert 1e-3 < want < 1e-1 and abs(got.double() - want) < 1e-6
