@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+import baselines  # noqa: F401  (registers simvq, fsq, wasserstein_vq, cvq)
 import vqvae
 
 # ################################################################################################################

@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+import baselines  # noqa: F401  (registers simvq, fsq, wasserstein_vq, cvq)
 import vqvae
 from vqvae import Batches, Quantizer, VQVAE, blahut_arimoto_rd, code_histogram, load_cifar10, make_config, read_yaml
 

@@ -16,6 +16,7 @@ import difflib
 import sys
 import typing
 
+import baselines  # noqa: F401  (registers simvq, fsq, wasserstein_vq, cvq)
 import vqvae
 from vqvae import Config, UserError
 

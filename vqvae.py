@@ -82,7 +82,7 @@ class Config:
     quantizer: str = _f("vq_ema", "a registered quantizer (QUANTIZERS in vqvae.py)",
                         choices=lambda: sorted(QUANTIZERS))
     codebook_size: int = _f(512, "number of codes K")
-    commitment_weight: float = _f(0.25, "weight of ||e - sg(z_q)||^2")
+    commitment_weight: float = _f(0.25, "weight of ||e - sg(z_q)||^2 (Wasserstein VQ: wvq_commitment_weight)")
     codebook_weight: float = _f(1.0, "weight of ||z_q - sg(e)||^2 where the loss trains the codes (ba_vq with "
                                      "codebook_update grad, simvq, wasserstein_vq, cvq)")
     entropy_weight: float = _f(0.01, "BA: weight of the usage term (usage_term), in nats")
@@ -106,16 +106,24 @@ class Config:
     marginal: Literal["batch", "running"] = _f("batch", "BA: Q starts uniform each forward, or an EMA across steps")
     decay: float = _f(0.99, "EMA decay of codebook statistics (and of BA's running marginal, CVQ's code usage)")
     epsilon: float = _f(1e-5, "Laplace smoothing of EMA cluster sizes")
-    kmeans_init: bool = _f(True, "initialise codes by k-means++ and Lloyd on the first training batch")
+    kmeans_init: bool = _f(True, "initialise codes by k-means++ and Lloyd on the first training batch (vq_ema, "
+                                 "ba_vq; the baselines initialise as their code does)")
     kmeans_iters: int = _f(10, "Lloyd iterations of the k-means initialisation")
     dead_code_threshold: float = _f(1.0, "restart codes that are the hard code of fewer vectors per step (EMA) "
-                                         "than this (0: off, the seeds)")
+                                         "than this (0: off, the seeds); vq_ema and ba_vq")
+    # the baselines of baselines.py: each default is its official code's
     fsq_levels: str = _f("", "FSQ: levels per latent channel, e.g. '8,5,5,5' (K is their product and codebook_size "
                              "is unused); empty: the paper's recommended levels for codebook_size")
-    wasserstein_weight: float = _f(0.1, "Wasserstein VQ: weight of W2^2 between Gaussian fits of recent encoder "
-                                        "outputs and of the codebook")
-    wvq_queue_size: int = _f(16384, "Wasserstein VQ: how many recent encoder outputs (of all ranks) the Gaussian "
-                                    "fit of the features is taken over")
+    wasserstein_weight: float = _f(0.5, "Wasserstein VQ: weight of W2 (not squared) between Gaussian fits of recent "
+                                        "encoder outputs and of the codebook, both scaled by the outputs' largest std")
+    wvq_commitment_weight: float = _f(0.1, "Wasserstein VQ: weight of ||e - sg(z_q)||^2 (its codebook term takes "
+                                           "codebook_weight)")
+    wvq_codebook_lr: float = _f(0.02, "Wasserstein VQ: learning rate of the codebook's own Adam group (betas 0.9, "
+                                      "0.95; gradient clipped to norm 1)")
+    wvq_queue_size: int = _f(65536, "Wasserstein VQ: how many recent encoder outputs (of all ranks) the Gaussian fit "
+                                    "of the features is taken over")
+    cvq_distance: Literal["cos", "l2"] = _f("cos", "CVQ: nearest code and anchors by cosine similarity (its code's "
+                                                   "default) or by Euclidean distance")
     estimator: Literal["ste", "rotation"] = _f("ste", "gradient to the encoder: straight-through or rotation trick")
     chunk_size: int = _f(4096, "encoder vectors per chunk in distance and soft-assignment passes")
     # optimisation
@@ -139,7 +147,9 @@ class Config:
         if self.quantizer not in QUANTIZERS:
             near = difflib.get_close_matches(self.quantizer, QUANTIZERS, n=1)
             raise UserError(f"quantizer must be one of {', '.join(sorted(QUANTIZERS))}, got {self.quantizer!r}"
-                            + (f" (did you mean '{near[0]}'?)" if near else ""))
+                            + (f" (did you mean '{near[0]}'?)" if near else
+                               " (a quantizer defined outside vqvae.py registers when its module is imported, "
+                               "e.g. `import baselines`)"))
         checks = [
             (self.codebook_size >= 2, "codebook_size must be >= 2"),
             (self.ba_iters >= 1, "ba_iters must be >= 1"),
@@ -160,15 +170,15 @@ class Config:
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
             (self.latent_dim is None or self.latent_dim >= 1, "latent_dim must be >= 1"),
             (self.wvq_queue_size >= 2, "wvq_queue_size must be >= 2"),
-            (fsq_levels_valid(self.fsq_levels), "fsq_levels must be empty or integers >= 2 separated by commas, "
-                                                "e.g. '8,5,5,5'"),
+            (self.wvq_codebook_lr > 0, "wvq_codebook_lr must be > 0"),
         ]
         for name in ("commitment_weight", "codebook_weight", "entropy_weight", "weight_decay",
-                     "dead_code_threshold", "wasserstein_weight"):
+                     "dead_code_threshold", "wasserstein_weight", "wvq_commitment_weight"):
             checks.append((getattr(self, name) >= 0, f"{name} must be >= 0"))
         for ok, msg in checks:
             if not ok:
                 raise UserError(msg)
+        QUANTIZERS[self.quantizer].check_config(self)
 
     @property
     def code_dim(self) -> int:
@@ -411,11 +421,20 @@ def make_decoder(arch: str, dim: int) -> nn.Module:
 #   schedule(progress)  called before every training step with progress in [0, 1] over the run (annealing).
 #   report()            {name: float} that validation adds to its record (e.g. the current beta).
 #   codes(idx)          the vectors (..., D) that code indices stand for.
+#   param_groups()      optimizer groups of the quantizer's own parameters, e.g. a codebook with its own learning
+#                       rate: [{"params": [...], "lr": ..., "betas": ..., "weight_decay": ..., "max_grad_norm": ...}]
+#                       (AdamW's keys, plus the norm its gradient is clipped to). Every other parameter trains with
+#                       the autoencoder's AdamW settings. None by default.
 #   K                   the number of codes.
+#
+# `forward` is written once, here: flatten to e (N, D) in float32, `quantize(e)` (each method's own part: its codes,
+# loss terms, statistics and updates), then `decoder_input(e, z_q)`, the gradient's way back to e (straight-through
+# or the rotation trick by default). A method writes `quantize` and, if it needs them, the hooks above.
 #
 # Hyperparameters: each class names its own in a `Params` dataclass whose fields are Config fields;
 # make_quantizer(cfg, dim) fills them, so a quantizer never sees the rest of the Config.
 # A new method: subclass Quantizer, then `@register_quantizer("name")`. The name becomes a valid `--quantizer`.
+# baselines.py registers the published baselines (SimVQ, FSQ, Wasserstein VQ, CVQ) this way, from outside.
 
 QUANTIZERS: dict[str, type["Quantizer"]] = {}
 
@@ -438,6 +457,14 @@ def make_quantizer(cfg: Config, dim: int) -> "Quantizer":
     return cls(cls.Params(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls.Params)}), dim)
 
 
+class Quantized(typing.NamedTuple):
+    """What `Quantizer.quantize(e)` returns for N latents."""
+    z_q: torch.Tensor  # (N, D) the quantized vectors, before decoder_input gives them a gradient path to e
+    idx: torch.Tensor  # (N,) long, the code of every latent
+    losses: dict  # {name: weighted scalar loss term}
+    metrics: dict  # {name: scalar tensor}, plus an optional eval-mode "z_soft" (N, D)
+
+
 class Quantizer(nn.Module):
     """Base of every quantizer: see the contract above."""
 
@@ -451,6 +478,24 @@ class Quantizer(nn.Module):
         super().__init__()
         self.hp, self.K, self.dim = params, params.codebook_size, dim
 
+    def forward(self, z: torch.Tensor):
+        with _no_autocast(z.device.type):  # distances and statistics in float32, whatever the nets run in
+            e = self._flatten(z)  # (N, D)
+            q = self.quantize(e)
+            out = self.decoder_input(e, q.z_q)
+            metrics = {**self._batch_metrics(q.idx, z), **q.metrics}
+        if "z_soft" in metrics:
+            metrics["z_soft"] = self._unflatten(metrics["z_soft"], z)
+        return self._unflatten(out, z).to(z.dtype), q.losses, metrics
+
+    def quantize(self, e: torch.Tensor) -> Quantized:
+        """The method: codes, loss terms and metrics of the latents e (N, D); in training, its updates too."""
+        raise NotImplementedError
+
+    def decoder_input(self, e: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
+        """What the decoder sees: z_q's value with a gradient to e (Params.estimator, straight-through if none)."""
+        return straight_through(e, z_q, getattr(self.hp, "estimator", "ste"))
+
     def schedule(self, progress: float) -> None:
         """Set annealed hyperparameters for a training step at `progress` in [0, 1]; none by default."""
 
@@ -459,6 +504,18 @@ class Quantizer(nn.Module):
 
     def codes(self, idx: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def param_groups(self) -> list[dict]:
+        return []
+
+    @classmethod
+    def check_config(cls, cfg: "Config") -> None:
+        """Raise UserError for values of this quantizer's Params that the Config's own checks cannot judge."""
+
+    @classmethod
+    def upgrade_config(cls, config: dict) -> dict:
+        """A checkpoint's saved config, written before some Params field existed, made to mean what it meant then."""
+        return config
 
     # -- shapes -------------------------------------------------------------------------------------------------
     @staticmethod
@@ -478,6 +535,17 @@ class Quantizer(nn.Module):
 
 def _no_autocast(device_type: str):
     return torch.autocast(device_type=device_type, enabled=False)
+
+
+def vq_losses(e: torch.Tensor, z_q: torch.Tensor, commitment_weight: float,
+              codebook_weight: Optional[float] = None) -> dict:
+    """The VQ-VAE loss terms (van den Oord et al. 2017, eq. 3): commitment_weight ||e - sg(z_q)||^2 pulls the encoder
+    to its codes; codebook_weight ||z_q - sg(e)||^2 pulls the codes to the encoder (left out when None: an EMA
+    codebook moves by its statistics instead). Means over the N x D entries."""
+    losses = {"commitment_loss": commitment_weight * F.mse_loss(e, z_q.detach())}
+    if codebook_weight is not None:
+        losses["codebook_loss"] = codebook_weight * F.mse_loss(z_q, e.detach())
+    return losses
 
 
 # -- estimators: how the encoder's gradient crosses the discrete choice ------------------------------------------
@@ -568,7 +636,7 @@ class CodebookQuantizer(Quantizer):
     @torch.no_grad()
     def _kmeans_init(self, e: torch.Tensor):
         """Codes from k-means on this (training) batch, gathered from all ranks; EMA buffers made consistent."""
-        e = _gather_rows(e)
+        e = gather_rows(e)
         gen = torch.Generator().manual_seed(int(torch.randint(2 ** 31 - 1, (1,)).item()))
         C, counts = kmeans(e, self.K, self.hp.kmeans_iters, self.hp.chunk_size, gen)
         C, counts = _broadcast(C), _broadcast(counts)
@@ -651,23 +719,19 @@ class VQEMAQuantizer(CodebookQuantizer):
     def __init__(self, params: "VQEMAQuantizer.Params", dim: int):
         super().__init__(params, dim, learnable=False)
 
-    def forward(self, z: torch.Tensor):
+    def quantize(self, e: torch.Tensor) -> Quantized:
         hp = self.hp
-        with _no_autocast(z.device.type):
-            e = self._flatten(z)  # (N, D)
-            if self.needs_init():
-                self._kmeans_init(e.detach())
-            with torch.no_grad():
-                idx = nearest_code(e, self.codebook, hp.chunk_size)  # (N,)
-                z_q = self.codebook[idx]  # (N, D), looked up before this step's EMA update
-            losses = {"commitment_loss": hp.commitment_weight * F.mse_loss(e, z_q)}
-            metrics = self._batch_metrics(idx, z)
-            if self.training:
-                self._update(e.detach(), idx)
-                if hp.dead_code_threshold > 0:
-                    metrics["restarts"] = self._restart_dead(e.detach())
-            out = straight_through(e, z_q, hp.estimator)
-        return self._unflatten(out, z).to(z.dtype), losses, metrics
+        if self.needs_init():
+            self._kmeans_init(e.detach())
+        with torch.no_grad():
+            idx = nearest_code(e, self.codebook, hp.chunk_size)  # (N,)
+            z_q = self.codebook[idx]  # (N, D), looked up before this step's EMA update
+        metrics = {}
+        if self.training:
+            self._update(e.detach(), idx)
+            if hp.dead_code_threshold > 0:
+                metrics["restarts"] = self._restart_dead(e.detach())
+        return Quantized(z_q, idx, vq_losses(e, z_q, hp.commitment_weight), metrics)
 
     @torch.no_grad()
     def _update(self, e: torch.Tensor, idx: torch.Tensor):
@@ -1092,43 +1156,38 @@ class BAQuantizer(CodebookQuantizer):
             self.d_mean.copy_(dist_sum_((rows - codes[idx]).square().sum(1).mean()) / _world())
         return self.current_beta() / max(self.d_mean.item(), 1e-30)
 
-    def forward(self, z: torch.Tensor):
+    def quantize(self, e: torch.Tensor) -> Quantized:
         hp = self.hp
-        with _no_autocast(z.device.type):
-            e = self._flatten(z)  # (N, D)
-            if self.needs_init():
-                self._kmeans_init(e.detach())
-            beta = self.beta_per_sq_unit(e.detach())
-            # a copy: the running marginal is updated in place after this forward, backward needs what it saw
-            log_Q0 = (self.log_Q_running.clone() if hp.marginal == "running"
-                      else torch.full_like(self.log_Q_running, -math.log(self.K)))
-            ema = self.training and hp.codebook_update == "ema"
-            # an EMA codebook is updated in place after this forward; backward needs the values it saw
-            C = self.codebook.clone() if ema else self.codebook
-            hard = hp.ba_forward == "hard" or not self.training  # evaluation reports the discrete model
-            # z_soft: what a soft decoder sees in training, and validation's soft-PSNR diagnostic
-            z_soft, log_Q, idx, counts, sums, H_p, max_p, topk = self._assign(e, C, log_Q0, beta, ema, hard)
-            if not self.training:
-                idx = self._eval_codes(e.detach(), idx, beta)
-            z_q = self.codebook[idx] if hard else z_soft  # (N, D)
-            H_Q = entropy_from_log(log_Q)
-            losses = {"commitment_loss": hp.commitment_weight * F.mse_loss(e, z_q.detach()),
-                      "codebook_loss": hp.codebook_weight * F.mse_loss(z_q, e.detach())}
-            if hp.usage_term == "entropy":
-                losses["entropy_loss"] = -hp.entropy_weight * H_Q
-            else:
-                losses["mutual_info_loss"] = -hp.entropy_weight * (H_Q - H_p)
-            metrics = {**self._batch_metrics(idx, z), "beta": self.beta.clone(), "max_p": max_p,
-                       "H_p": H_p.detach(), "H_Q": H_Q.detach(), "mutual_info": (H_Q - H_p).detach()}
-            metrics.update(topk)
-            if not self.training:  # the decoder on z_soft: soft PSNR, a diagnostic (the headline is hard codes)
-                metrics["z_soft"] = self._unflatten(z_soft, z)
-            if self.training:
-                self._update(counts, sums, log_Q.detach(), ema, e.detach(), idx)
-                if hp.dead_code_threshold > 0:
-                    metrics["restarts"] = self._restart_dead(e.detach())
-            out = straight_through(e, z_q, hp.estimator)
-        return self._unflatten(out, z).to(z.dtype), losses, metrics
+        if self.needs_init():
+            self._kmeans_init(e.detach())
+        beta = self.beta_per_sq_unit(e.detach())
+        # a copy: the running marginal is updated in place after this forward, backward needs what it saw
+        log_Q0 = (self.log_Q_running.clone() if hp.marginal == "running"
+                  else torch.full_like(self.log_Q_running, -math.log(self.K)))
+        ema = self.training and hp.codebook_update == "ema"
+        # an EMA codebook is updated in place after this forward; backward needs the values it saw
+        C = self.codebook.clone() if ema else self.codebook
+        hard = hp.ba_forward == "hard" or not self.training  # evaluation reports the discrete model
+        # z_soft: what a soft decoder sees in training, and validation's soft-PSNR diagnostic
+        z_soft, log_Q, idx, counts, sums, H_p, max_p, topk = self._assign(e, C, log_Q0, beta, ema, hard)
+        if not self.training:
+            idx = self._eval_codes(e.detach(), idx, beta)
+        z_q = self.codebook[idx] if hard else z_soft  # (N, D)
+        H_Q = entropy_from_log(log_Q)
+        losses = vq_losses(e, z_q, hp.commitment_weight, hp.codebook_weight)
+        if hp.usage_term == "entropy":
+            losses["entropy_loss"] = -hp.entropy_weight * H_Q
+        else:
+            losses["mutual_info_loss"] = -hp.entropy_weight * (H_Q - H_p)
+        metrics = {"beta": self.beta.clone(), "max_p": max_p, "H_p": H_p.detach(), "H_Q": H_Q.detach(),
+                   "mutual_info": (H_Q - H_p).detach(), **topk}
+        if not self.training:  # the decoder on z_soft: soft PSNR, a diagnostic (the headline is hard codes)
+            metrics["z_soft"] = z_soft
+        if self.training:
+            self._update(counts, sums, log_Q.detach(), ema, e.detach(), idx)
+            if hp.dead_code_threshold > 0:
+                metrics["restarts"] = self._restart_dead(e.detach())
+        return Quantized(z_q, idx, losses, metrics)
 
     TOPK_PROBE_STRIDE = 8  # training measures the top-k dropped mass on every 8th latent: 1/8 of a GEMM
 
@@ -1205,347 +1264,6 @@ class BASeedQuantizer(BAQuantizer):
 
     def __init__(self, params: "BAQuantizer.Params", dim: int):
         super().__init__(dataclasses.replace(params, **self.SEED_OPTIONS), dim)
-
-
-# -- SimVQ -------------------------------------------------------------------------------------------------------
-
-@register_quantizer("simvq")
-class SimVQQuantizer(Quantizer):
-    """SimVQ (Zhu et al. 2024, "Addressing Representation Collapse in Vector Quantized Models with One Linear
-    Layer", arXiv:2411.02038): the codes are C W, a frozen random basis C (K, D) under one learned linear map W (D, D),
-    so each gradient step on W moves the whole codebook, not only the codes that were picked.
-
-    Nearest code among the rows of C W; losses commitment_weight ||e - sg(z_q)||^2 (trains the encoder) and
-    codebook_weight ||z_q - sg(e)||^2 (trains W; C is a buffer); straight-through (or rotation) to e. No k-means, no
-    EMA. C ~ N(0, 1/D) as in the paper's code, so a basis row has norm about 1.
-    """
-
-    @dataclass
-    class Params(Quantizer.Params):
-        commitment_weight: float
-        codebook_weight: float
-        estimator: str
-        chunk_size: int
-
-    def __init__(self, params: "SimVQQuantizer.Params", dim: int):
-        super().__init__(params, dim)
-        self.register_buffer("basis", torch.randn(self.K, dim) / math.sqrt(dim))  # C, never trained
-        self.linear = nn.Linear(dim, dim, bias=False)  # x -> x W, W = linear.weight^T
-
-    @property
-    def codebook(self) -> torch.Tensor:
-        return self.linear(self.basis)  # (K, D) = C W
-
-    def codes(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.codebook[idx]
-
-    def forward(self, z: torch.Tensor):
-        hp = self.hp
-        with _no_autocast(z.device.type):
-            e = self._flatten(z)  # (N, D)
-            C = self.codebook  # (K, D), differentiable in W
-            with torch.no_grad():
-                idx = nearest_code(e, C.detach(), hp.chunk_size)  # (N,)
-            z_q = C.index_select(0, idx)  # (N, D); backward by index_add_, deterministic on CPU (C[idx]'s is not)
-            losses = {"commitment_loss": hp.commitment_weight * F.mse_loss(e, z_q.detach()),
-                      "codebook_loss": hp.codebook_weight * F.mse_loss(z_q, e.detach())}
-            out = straight_through(e, z_q, hp.estimator)
-        return self._unflatten(out, z).to(z.dtype), losses, self._batch_metrics(idx, z)
-
-
-# -- FSQ ---------------------------------------------------------------------------------------------------------
-
-# The paper's recommended levels (Mentzer et al. 2023, sec. 4.1), keyed by log2 of the target codebook size; the
-# 2^9 = 512 entry (this project's default K) is ours: [8, 8, 8], the paper's 8-level channels, exactly 512 codes.
-FSQ_LEVELS = {8: [8, 6, 5], 9: [8, 8, 8], 10: [8, 5, 5, 5], 12: [7, 5, 5, 5, 5], 14: [8, 8, 8, 6, 5],
-              16: [8, 8, 8, 5, 5, 5]}
-FSQ_MAX_LEVEL = 8  # no channel of the table has more levels; the rule for other K keeps to that too
-
-
-def parse_fsq_levels(text: str) -> list[int]:
-    """'8,5,5,5' -> [8, 5, 5, 5]; '' -> []. ValueError unless every level is an integer >= 2."""
-    levels = [int(s) for s in text.split(",")] if text.strip() else []
-    if any(L < 2 for L in levels):
-        raise ValueError(f"FSQ levels must be >= 2, got {text!r}")
-    return levels
-
-
-def fsq_levels_valid(text: str) -> bool:
-    try:
-        parse_fsq_levels(text)
-        return True
-    except ValueError:
-        return False
-
-
-def fsq_levels(text: str, K: int) -> list[int]:
-    """Levels per channel: those given in `text`, else the table entry whose 2^k is nearest K in log scale (for
-    2^8 <= K <= 2^16; a tie goes to the smaller), else `fsq_levels_rule(K)`."""
-    if text.strip():
-        return parse_fsq_levels(text)
-    if 2 ** 8 <= K <= 2 ** 16:
-        return FSQ_LEVELS[min(FSQ_LEVELS, key=lambda k: (abs(k - math.log2(K)), k))]
-    return fsq_levels_rule(K)
-
-
-def fsq_levels_rule(K: int) -> list[int]:
-    """Levels for a K outside the table: the fewest channels d with 8^d >= K, each with floor or ceil of K^(1/d)
-    levels (at least 2), in the mix whose product is nearest K in log scale (a tie goes to the smaller product),
-    largest first. E.g. 16 -> [4, 4], 32 -> [6, 5], 128 -> [5, 5, 5], 2^18 -> [8] * 6."""
-    d = 1
-    while FSQ_MAX_LEVEL ** d < K:
-        d += 1
-    root = K ** (1 / d)
-    lo, hi = max(2, math.floor(root)), max(2, math.ceil(root))
-    mixes = [[hi] * j + [lo] * (d - j) for j in range(d + 1)]
-    return min(mixes, key=lambda L: (abs(math.log(math.prod(L) / K)), math.prod(L)))
-
-
-class _RoundSTE(torch.autograd.Function):
-    """round(x) forward, identity backward: the straight-through estimator with an exact value (the usual
-    x + sg(round(x) - x) can miss the integer by a rounding error, and codes(idx) must reproduce z_q exactly)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.round()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
-
-
-@register_quantizer("fsq")
-class FSQQuantizer(Quantizer):
-    """Finite Scalar Quantization (Mentzer et al. 2023, "Finite Scalar Quantization: VQ-VAE Made Simple",
-    arXiv:2309.15505): no codebook. e is projected to d = len(levels) channels, each bounded to L_i integer values and
-    rounded (straight-through), so the codes are a fixed grid of prod_i L_i points; projected back to D for the decoder.
-
-        h = project_in(e)                                       (N, d)
-        bound(h)_i = tanh(h_i + shift_i) half_i - offset_i,     half_i = (L_i - 1)/2 (1 - 1e-3),
-                     offset_i = 1/2 if L_i is even else 0,      shift_i = atanh(offset_i / half_i) (0 if L_i = 2)
-        level = round(bound(h))                                 integers -(L_i//2) .. (L_i-1)//2
-        z_q = project_out(level / (L_i//2))                     (N, D)
-        index = sum_i (level_i + L_i//2) prod_{j<i} L_j         (mixed radix)
-
-    K = prod_i L_i replaces codebook_size (validation's usage and perplexity are over these K; report() gives it as
-    codebook_size_used). Levels: `fsq_levels`, or when empty the paper's recommendation for the codebook_size nearest
-    in log2 among 2^8 [8,6,5], 2^9 [8,8,8], 2^10 [8,5,5,5], 2^12 [7,5,5,5,5], 2^14 [8,8,8,6,5], 2^16 [8,8,8,5,5,5];
-    below 2^8 or above 2^16 `fsq_levels_rule`. No loss terms: every grid point is reachable, nothing to pull.
-    """
-
-    @dataclass
-    class Params(Quantizer.Params):
-        fsq_levels: str
-
-    BOUND_EPS = 1e-3  # keeps tanh's range inside (-half, half), so rounding never reaches a level beyond L
-
-    def __init__(self, params: "FSQQuantizer.Params", dim: int):
-        super().__init__(params, dim)
-        levels = fsq_levels(params.fsq_levels, params.codebook_size)
-        self.K, self.levels = math.prod(levels), levels
-        L = torch.tensor(levels, dtype=torch.float)
-        half = (L - 1) / 2 * (1 - self.BOUND_EPS)
-        offset = torch.where(L % 2 == 0, 0.5, 0.0)
-        # the shift maps h = 0 to level 0; for L = 2 (offset > half, no atanh) h = 0 splits the levels -1 and 0
-        shift = torch.tensor([math.atanh(o / h) if o < h else 0.0 for o, h in zip(offset.tolist(), half.tolist())])
-        # derived from the config, so rebuilt rather than saved (persistent=False)
-        for name, value in {"bound_half": half, "bound_offset": offset, "bound_shift": shift,
-                            "width": torch.floor(L / 2), "n_levels": L.long(),
-                            "radix": torch.cumprod(torch.tensor([1] + levels[:-1]), 0)}.items():
-            self.register_buffer(name, value, persistent=False)
-        self.project_in = nn.Linear(dim, len(levels))
-        self.project_out = nn.Linear(len(levels), dim)
-
-    def report(self) -> dict[str, float]:
-        return {"codebook_size_used": float(self.K)}
-
-    def codes(self, idx: torch.Tensor) -> torch.Tensor:
-        digits = idx[..., None] // self.radix % self.n_levels  # (..., d)
-        level = (digits - self.width.long()).float()
-        return self._decode(level.reshape(-1, len(self.levels))).reshape(*idx.shape, self.dim)
-
-    def _decode(self, level: torch.Tensor) -> torch.Tensor:
-        return self.project_out(level / self.width)  # (N, d) integer levels -> (N, D)
-
-    def forward(self, z: torch.Tensor):
-        with _no_autocast(z.device.type):
-            e = self._flatten(z)  # (N, D)
-            h = self.project_in(e)  # (N, d)
-            bounded = torch.tanh(h + self.bound_shift) * self.bound_half - self.bound_offset  # (N, d)
-            level = _RoundSTE.apply(bounded)  # (N, d) integers
-            idx = ((level.detach() + self.width).long() * self.radix).sum(1)  # (N,) mixed radix
-            out = self._decode(level)
-        return self._unflatten(out, z).to(z.dtype), {}, self._batch_metrics(idx, z)
-
-
-# -- Learned codebook (shared by Wasserstein VQ and CVQ) ---------------------------------------------------------
-
-class LearnedCodebookQuantizer(CodebookQuantizer):
-    """Nearest code in a codebook trained by the loss (van den Oord et al. 2017, eq. 3): commitment_weight
-    ||e - sg(z_q)||^2 + codebook_weight ||z_q - sg(e)||^2, straight-through (or rotation) to e; k-means init as
-    every codebook here. The base of Wasserstein VQ and CVQ, which add loss terms (`_extra_losses`) and in-place
-    updates after the lookup (`_train_update`). ema_count holds an EMA of hard-code counts (summed over ranks), by
-    which dead-code restarts judge a code."""
-
-    @dataclass
-    class Params(CodebookQuantizer.Params):
-        commitment_weight: float
-        codebook_weight: float
-        estimator: str
-
-    def __init__(self, params: "LearnedCodebookQuantizer.Params", dim: int):
-        super().__init__(params, dim, learnable=True)
-
-    def forward(self, z: torch.Tensor):
-        hp = self.hp
-        with _no_autocast(z.device.type):
-            e = self._flatten(z)  # (N, D)
-            if self.needs_init():
-                self._kmeans_init(e.detach())
-            with torch.no_grad():
-                idx = nearest_code(e, self.codebook, hp.chunk_size)  # (N,)
-            # index_select: its backward (index_add_) is deterministic on CPU, C[idx]'s (atomic adds) is not; and it
-            # saves only idx, so the codebook may change in place after this line
-            z_q = self.codebook.index_select(0, idx)  # (N, D)
-            losses = {"commitment_loss": hp.commitment_weight * F.mse_loss(e, z_q.detach()),
-                      "codebook_loss": hp.codebook_weight * F.mse_loss(z_q, e.detach()),
-                      **self._extra_losses(e.detach())}
-            metrics = self._batch_metrics(idx, z)
-            if self.training:
-                self._train_update(e.detach(), idx, metrics)
-            out = straight_through(e, z_q, hp.estimator)
-        return self._unflatten(out, z).to(z.dtype), losses, metrics
-
-    def _extra_losses(self, e: torch.Tensor) -> dict:
-        return {}
-
-    @torch.no_grad()
-    def _train_update(self, e: torch.Tensor, idx: torch.Tensor, metrics: dict) -> torch.Tensor:
-        """EMA of hard-code counts, then dead-code restarts. Returns this step's counts over all ranks (K,)."""
-        counts = dist_sum_(torch.bincount(idx, minlength=self.K).to(e.dtype))
-        self.ema_count.mul_(self.hp.decay).add_(counts, alpha=1 - self.hp.decay)
-        if self.hp.dead_code_threshold > 0:
-            metrics["restarts"] = self._restart_dead(e)
-        return counts
-
-
-# -- Wasserstein VQ ----------------------------------------------------------------------------------------------
-
-def gaussian_fit(x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Maximum-likelihood Gaussian (mean (D,), covariance (D, D), 1/n) of the rows of x (n, D), or of the rows whose
-    weight (n,) is 1 (the others weigh 0)."""
-    if weight is None:
-        weight = x.new_ones(len(x))
-    n = weight.sum().clamp_min(1)
-    mu = (x * weight[:, None]).sum(0) / n
-    xc = (x - mu) * weight[:, None]  # (n, D), centred; rows of weight 0 vanish
-    return mu, xc.t() @ xc / n
-
-
-W2_EIG_FLOOR = 1e-10  # eigenvalues below this fraction of the largest count as 0 in tr sqrt(M)
-
-
-def gaussian_w2_sq(mu_e, S_e, mu_c, S_c) -> torch.Tensor:
-    """Squared 2-Wasserstein distance between N(mu_e, S_e) and N(mu_c, S_c) (Dowson & Landau 1982):
-
-        W2^2 = ||mu_e - mu_c||^2 + tr(S_e + S_c - 2 (S_e^1/2 S_c S_e^1/2)^1/2)
-
-    differentiable in (mu_c, S_c), S_e held fixed. Computed in float64: S_e^1/2 from eigh(S_e); the trace of the
-    matrix square root as sum_i sqrt(lambda_i(M)), M = S_e^1/2 S_c S_e^1/2 symmetric PSD, whose eigenvalue gradient
-    U diag(.) U^T needs no eigenvalue gaps. Eigenvalues that are zero up to rounding (S_c has rank < D when K <= D)
-    add 0 and no gradient, where sqrt's would be infinite."""
-    out = dict(dtype=mu_c.dtype, device=mu_c.device)
-    work = dict(dtype=torch.float64, device="cpu" if mu_c.device.type == "mps" else mu_c.device)  # MPS: no float64
-    mu_e, S_e, mu_c, S_c = (t.to(**work) for t in (mu_e, S_e.detach(), mu_c, S_c))
-    lam, U = torch.linalg.eigh(S_e)
-    R = (U * lam.clamp_min(0).sqrt()) @ U.t()  # S_e^1/2 (D, D)
-    M = R @ S_c @ R
-    ev = torch.linalg.eigvalsh((M + M.t()) / 2)  # (D,), symmetrised against rounding
-    floor = (ev.detach().amax() * W2_EIG_FLOOR).clamp_min(torch.finfo(ev.dtype).tiny)
-    tr_sqrt = torch.where(ev > floor, ev.clamp_min(floor).sqrt(), torch.zeros_like(ev)).sum()
-    w2 = (mu_e - mu_c).square().sum() + S_e.trace() + S_c.trace() - 2 * tr_sqrt
-    return w2.to(**out)
-
-
-@register_quantizer("wasserstein_vq")
-class WassersteinVQQuantizer(LearnedCodebookQuantizer):
-    """Wasserstein VQ (Fang et al. 2025, "Enhancing Vector Quantization with Distributional Matching: A Theoretical
-    and Empirical Study", arXiv:2506.15078): nearest code in a learned codebook plus the squared 2-Wasserstein
-    distance between Gaussian fits of the encoder outputs and of the codes, which moves the codebook's distribution
-    onto the features' so that codes sit where features are (and get used).
-
-    wasserstein_loss = wasserstein_weight * W2^2(N(mu_e, S_e), N(mu_c, S_c)) (`gaussian_w2_sq`): mu_e, S_e fitted to a
-    FIFO queue of the last wvq_queue_size encoder outputs (detached; every rank enqueues all ranks' rows, so all hold
-    the same queue; a buffer, so resume is exact), mu_c, S_c to the K codes. Only the codebook gets this term's
-    gradient, as in the paper. Standard commitment and codebook losses, straight-through. The codebook starts as the
-    others do (k-means on the first batch, or uniform with --no_kmeans_init), so a comparison isolates the matching.
-    """
-
-    @dataclass
-    class Params(LearnedCodebookQuantizer.Params):
-        wasserstein_weight: float
-        wvq_queue_size: int
-
-    def __init__(self, params: "WassersteinVQQuantizer.Params", dim: int):
-        super().__init__(params, dim)
-        self.register_buffer("queue", torch.zeros(params.wvq_queue_size, dim))  # (S, D) ring buffer
-        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))  # the next row to overwrite
-        self.register_buffer("queue_len", torch.zeros((), dtype=torch.long))  # rows filled so far (<= S)
-
-    def _extra_losses(self, e: torch.Tensor) -> dict:
-        if self.training:
-            self._enqueue(_gather_rows(e))
-        filled = torch.arange(len(self.queue), device=e.device) < self.queue_len
-        w2 = gaussian_w2_sq(*gaussian_fit(self.queue, filled.to(e.dtype)), *gaussian_fit(self.codebook))
-        ready = (self.queue_len >= 2).to(e.dtype)  # no covariance from fewer than two rows: no term yet
-        return {"wasserstein_loss": self.hp.wasserstein_weight * w2 * ready}
-
-    @torch.no_grad()
-    def _enqueue(self, rows: torch.Tensor):
-        """Write rows (n, D) over the oldest ones; with more rows than the queue holds, the last S."""
-        S = len(self.queue)
-        rows = rows[-S:]
-        pos = (self.queue_ptr + torch.arange(len(rows), device=rows.device)) % S  # distinct positions
-        self.queue[pos] = rows
-        self.queue_ptr.copy_((self.queue_ptr + len(rows)) % S)
-        self.queue_len.copy_((self.queue_len + len(rows)).clamp_max(S))
-
-
-# -- CVQ ---------------------------------------------------------------------------------------------------------
-
-@register_quantizer("cvq")
-class CVQQuantizer(LearnedCodebookQuantizer):
-    """CVQ-VAE's online clustered codebook (Zheng & Vedaldi 2023, "Online Clustered Codebook", ICCV,
-    arXiv:2307.15139): a learned codebook whose rarely used codes are pulled, every training step, onto the encoder
-    output nearest to them (their anchor), so codes that die come back where the features are.
-
-        P_k <- decay P_k + (1 - decay) n_k / N            EMA of the share of latents coded k (P starts at 0)
-        a_k  = exp(-10 K P_k / (1 - decay) - 1e-3)        ~1 for an unused code, ~0 for one used about 1/K or more
-        c_k <- (1 - a_k) c_k + a_k anchor_k,              anchor_k = argmin_{e in batch} ||e - c_k||^2 ("closest")
-
-    on top of the standard losses (commitment, codebook, straight-through). Under DDP n_k and N are summed over
-    ranks and anchors are chosen among all ranks' outputs, so every rank applies the same update. It runs after the
-    forward's lookup; the optimizer step then applies this step's gradient to the moved codes, as in the paper's
-    code. Not included: the paper's optional contrastive loss.
-    """
-    ANCHOR_SCALE, ANCHOR_EPS = 10.0, 1e-3  # the constants of a_k in the paper
-
-    def __init__(self, params: "LearnedCodebookQuantizer.Params", dim: int):
-        super().__init__(params, dim)
-        self.register_buffer("usage", torch.zeros(self.K))  # P (K,)
-
-    @torch.no_grad()
-    def _train_update(self, e: torch.Tensor, idx: torch.Tensor, metrics: dict) -> torch.Tensor:
-        counts = super()._train_update(e, idx, metrics)  # (K,) over all ranks
-        d = self.hp.decay
-        self.usage.mul_(d).add_(counts / counts.sum(), alpha=1 - d)
-        a = torch.exp(-self.ANCHOR_SCALE * self.K * self.usage / (1 - d) - self.ANCHOR_EPS)  # (K,)
-        rows = _gather_rows(e)  # (N_global, D): the same candidates, in the same order, on every rank
-        anchors = rows[nearest_code(self.codebook, rows, self.hp.chunk_size)]  # (K, D), nearest output per code
-        self.codebook.lerp_(anchors, a[:, None])  # c + a (anchor - c)
-        metrics["anchor_weight"] = a.mean()
-        return counts
-
 
 
 # ################################################################################################################
@@ -1706,6 +1424,20 @@ def compile_nets(model: VQVAE, device: torch.device, backend: str = "inductor") 
     return True
 
 
+def make_optimizer(model: VQVAE, cfg: Config) -> tuple[torch.optim.Optimizer, list[tuple[list, float]]]:
+    """AdamW over the autoencoder's parameters (lr, weight_decay), and the quantizer's own param_groups beside them.
+    Returns the optimizer and (parameters, max norm) of each group whose gradient is clipped."""
+    groups, clipped = [], []
+    for group in model.quantizer.param_groups():
+        group = dict(group)
+        if "max_grad_norm" in group:
+            clipped.append((list(group["params"]), group.pop("max_grad_norm")))
+        groups.append(group)
+    own = {id(p) for g in groups for p in g["params"]}
+    shared = [p for p in model.parameters() if id(p) not in own]
+    return torch.optim.AdamW([{"params": shared}, *groups], lr=cfg.lr, weight_decay=cfg.weight_decay), clipped
+
+
 def autocast_dtype(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
     precision = cfg.precision
     if precision == "auto":
@@ -1757,7 +1489,7 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
         self.net = self._wrap(self.model)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer, self.clipped = make_optimizer(self.model, cfg)
         self.amp_dtype = autocast_dtype(cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.total_steps = cfg.epochs * len(self.train_batches)
@@ -1795,7 +1527,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))  # logged, not clipped
+        for params, max_norm in self.clipped:  # a quantizer's own groups may ask for clipping
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         terms = {"loss": loss.detach(), "recon_loss": recon_loss.detach(),
@@ -1909,7 +1643,11 @@ class Trainer:
     def restore(self, state: dict):
         """Continue from a resumable state (last.pt): the inverse of state()."""
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as err:  # e.g. a quantizer that has since gained an optimizer group or a parameter
+            raise UserError(f"--resume: the checkpoint's optimizer does not fit this model ({err}); it was written "
+                            f"by a version of {self.cfg.quantizer} that trained other parameters") from None
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         self.epoch_sums = {k: v.to(self.device) for k, v in state["epoch_sums"].items()}
@@ -2120,7 +1858,7 @@ def _world() -> int:
     return dist.get_world_size()
 
 
-def _gather_rows(e: torch.Tensor) -> torch.Tensor:
+def gather_rows(e: torch.Tensor) -> torch.Tensor:
     """Every rank's rows, in rank order: the global batch (training shards are equal in size)."""
     if _world() == 1:
         return e
@@ -2357,6 +2095,12 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise UserError(f"corrupt or truncated checkpoint {path}: {type(err).__name__}") from None
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise UserError(f"{path} is not a BA-VQ checkpoint (no config/model)")
+    fmt = state.get("format", 1)  # format 1 files carry no number
+    if not (isinstance(fmt, int) and 1 <= fmt <= CHECKPOINT_FORMAT):
+        raise UserError(f"{path} has checkpoint format {fmt!r}; this version reads formats 1 to {CHECKPOINT_FORMAT}")
+    cls = QUANTIZERS.get(state["config"].get("quantizer"))
+    if cls is not None:  # an unregistered name fails in make_config, with the list of registered ones
+        state["config"] = cls.upgrade_config(dict(state["config"]))
     return state
 
 

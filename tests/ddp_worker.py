@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import baselines  # noqa: E402,F401  (registers simvq, fsq, wasserstein_vq, cvq)
 import vqvae  # noqa: E402
 
 RAGGED_IMAGES, RAGGED_BATCH = 33, 16

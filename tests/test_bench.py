@@ -43,8 +43,8 @@ def test_quick_json_has_every_case_with_positive_times(quick):
         assert r["N"] == grid["n"] and r["D"] == grid["dims"][0]
         assert r["peak_mib"] is None or r["peak_mib"] >= 0
     train = result["training"]
-    # every quantizer vqvae.py registers (not those other test modules register in this process)
-    registered = [q for q, cls in vqvae.QUANTIZERS.items() if cls.__module__ == "vqvae"]
+    # every quantizer vqvae.py and baselines.py register (not those other test modules register in this process)
+    registered = [q for q, cls in vqvae.QUANTIZERS.items() if cls.__module__ in ("vqvae", "baselines")]
     assert {"vq_ema", "ba_vq", "ba_seed", "simvq", "fsq", "wasserstein_vq", "cvq"} <= set(registered)
     assert {(r["arch"], r["quantizer"]) for r in train} == {(a, q) for a in ("residual", "compact")
                                                             for q in registered}

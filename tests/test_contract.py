@@ -24,10 +24,11 @@ class ShrinkVQ(vqvae.VQEMAQuantizer):
     def report(self):
         return {"shrink_weight": self.weight}
 
-    def forward(self, z):
-        z_q, losses, metrics = super().forward(z)
-        losses["shrink_loss"] = self.weight * z.float().square().mean()
-        return z_q, losses, {**metrics, "shrink_weight": torch.tensor(self.weight)}
+    def quantize(self, e):
+        q = super().quantize(e)
+        losses = {**q.losses, "shrink_loss": self.weight * e.square().mean()}
+        # a CPU scalar, whatever the device: what a user's method would write
+        return q._replace(losses=losses, metrics={**q.metrics, "shrink_weight": torch.tensor(self.weight)})
 
 
 vqvae.register_quantizer("shrink_vq")(ShrinkVQ)  # the one line a new method needs

@@ -34,6 +34,11 @@ CONFIGS = {
 }
 STEPS = 2
 BASE_LR = vqvae.Config().lr
+# CVQ's first step moves every code onto the output most similar to it, so codes that chose the same output are equal
+# up to float noise, and which of them a latent picks follows that noise: the code histogram's metrics may differ by
+# a code or two (seen: 0.6 % in perplexity, 1 of 128 codes in usage), while the vectors, and so every metric of the
+# reconstructions, agree as tightly as every other config's
+NOISY_CODES = {"cvq": 2}  # codes whose use may move between near-equal duplicates
 
 
 def torchrun(script: str, *args, nproc: int = 2) -> subprocess.CompletedProcess:
@@ -96,7 +101,9 @@ def test_two_ranks_match_one_process(runs, name):
             assert torch.equal(r0["state"][key], value), key
     assert r0["val"].keys() == one["val"].keys()
     for key, v in one["val"].items():
-        assert r0["val"][key] == pytest.approx(v, rel=1e-3, abs=1e-6), key
+        n, K = NOISY_CODES.get(name, 0), CONFIGS[name].get("codebook_size", BASE["codebook_size"])
+        tolerance = {"dead_codes": n, "usage_rate": n / K, "perplexity": 0.02 * n * v}.get(key, 0)
+        assert r0["val"][key] == pytest.approx(v, rel=1e-3, abs=max(tolerance, 1e-6)), key
     for key in ("loss", "recon_loss", "commitment_loss"):  # train epoch means: rank means = global batch's
         assert r0["train_means"][key] == pytest.approx(one["train_means"][key], rel=1e-4), key
 

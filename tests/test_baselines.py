@@ -1,11 +1,15 @@
-"""SimVQ, FSQ, Wasserstein VQ and CVQ: contract properties, their math checked two ways, and real training runs that
+"""The baselines of baselines.py (SimVQ, FSQ, Wasserstein VQ, CVQ): contract properties, each against its official
+code's formulas written independently here, their optimizer group, older checkpoints, and real training runs that
 resume bit-exactly. (Two ranks against one process: tests/test_ddp.py, which runs wasserstein_vq and cvq too.)"""
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+import baselines
 import vqvae
 from vqvae import Config
 
@@ -84,37 +88,36 @@ def test_eval_changes_no_state(kind):
     assert all(torch.equal(v, q.state_dict()[k]) for k, v in before.items())
 
 
-@pytest.mark.parametrize("kind", ["wasserstein_vq", "cvq"])
-def test_learned_codebooks_restart_dead_codes_from_encoder_outputs(kind):
-    torch.manual_seed(0)
-    q = make_q(kind, K=8, kmeans_init=False, dead_code_threshold=0.5, decay=0.1).train()
-    q.codebook.data[0] = 100.0  # nobody's code: its EMA count falls from 1 to 0.1 < 0.5 at the first step
-    z = latents()
-    _, _, metrics = q(z)
-    e = z.permute(0, 2, 3, 1).reshape(-1, 8)
-    assert metrics["restarts"] >= 1 and q.ema_count[0] == 0.5
-    assert ((e - q.codebook.detach()[0]).abs().amax(1) == 0).any()  # now one of the batch's outputs
-
-
 # -- SimVQ ----------------------------------------------------------------------------------------------------------
 
-def test_simvq_codes_are_frozen_basis_times_learned_map():
+def test_simvq_codes_are_frozen_basis_under_a_learned_affine_map():
     torch.manual_seed(0)
     q = make_q("simvq")
-    assert "basis" in dict(q.named_buffers()) and [n for n, _ in q.named_parameters()] == ["linear.weight"]
-    torch.testing.assert_close(q.codebook, q.basis @ q.linear.weight.t())
+    assert "basis" in dict(q.named_buffers()) and [n for n, _ in q.named_parameters()] == ["linear.weight",
+                                                                                           "linear.bias"]
+    torch.testing.assert_close(q.codebook, q.basis @ q.linear.weight.t() + q.linear.bias)  # C W + b, as theirs
     basis = q.basis.clone()
     opt = torch.optim.SGD(q.parameters(), lr=0.1)
     z = latents()
     z_q, losses, metrics = q.train()(z)
-    # the decoder's value is the nearest row of C W; only codebook_loss trains W
+    # the decoder's value is the nearest row of C W + b; only codebook_loss trains W and b
     C = q.codebook.detach()
     expected = ((z.permute(0, 2, 3, 1).reshape(-1, 8)[:, None] - C) ** 2).sum(-1).argmin(1)
     assert torch.equal(metrics["code_indices"].reshape(-1), expected)
     losses["codebook_loss"].backward()
-    assert q.linear.weight.grad.abs().sum() > 0
+    assert q.linear.weight.grad.abs().sum() > 0 and q.linear.bias.grad.abs().sum() > 0
     opt.step()
     assert torch.equal(q.basis, basis) and not torch.allclose(q.codebook, C)
+
+
+def test_simvq_checkpoint_from_before_the_bias_loads_as_a_zero_bias():
+    torch.manual_seed(0)
+    q = make_q("simvq")
+    old = {k: v for k, v in q.state_dict().items() if k != "linear.bias"}
+    fresh = make_q("simvq")
+    fresh.load_state_dict(old)  # strict: the hook supplies the bias
+    assert torch.equal(fresh.linear.bias, torch.zeros(8))
+    torch.testing.assert_close(fresh.codebook, q.basis @ q.linear.weight.t())
 
 
 # -- FSQ ------------------------------------------------------------------------------------------------------------
@@ -124,7 +127,7 @@ def test_simvq_codes_are_frozen_basis_times_learned_map():
                                        (65536, [8, 8, 8, 5, 5, 5]), (300, [8, 6, 5]), (2048, [8, 5, 5, 5]),
                                        (16, [4, 4]), (32, [6, 5]), (128, [5, 5, 5]), (2, [2]), (2 ** 18, [8] * 6)])
 def test_fsq_automatic_levels(K, levels):
-    assert vqvae.fsq_levels("", K) == levels
+    assert baselines.fsq_levels("", K) == levels
 
 
 def test_fsq_levels_given_replace_codebook_size_and_are_validated():
@@ -168,83 +171,106 @@ def test_fsq_bound_maps_zero_to_level_zero():
 
 # -- Wasserstein VQ ---------------------------------------------------------------------------------------------------
 
-def random_spd(D, seed, rank=None):
+def official_w2(features, codes):
+    """Their calc_wasserstein_loss in numpy float64, with scipy's matrix square roots in place of their eigh route:
+    both fits scaled by the features' largest per-dimension std, unbiased covariances, W2 not squared."""
+    sqrtm = pytest.importorskip("scipy.linalg").sqrtm
+    z, c = np.asarray(features, dtype=np.float64), np.asarray(codes, dtype=np.float64)
+    s = z.std(0, ddof=1).max() + 1e-8
+    z, c = z / s, c / s
+    S_z, S_c = np.cov(z, rowvar=False), np.cov(c, rowvar=False)
+    R = sqrtm(S_z).real
+    cross = sqrtm(R @ S_c @ R).real.trace()
+    return math.sqrt(((z.mean(0) - c.mean(0)) ** 2).sum() + max(np.trace(S_z + S_c) - 2 * cross, 0.0))
+
+
+def spread_rows(n, D, seed, scale=1.0, shift=0.0):
     g = torch.Generator().manual_seed(seed)
-    A = torch.randn(D, rank or D, generator=g, dtype=torch.float64)
-    return A @ A.t() / (rank or D) + (0 if rank else 0.1) * torch.eye(D, dtype=torch.float64)
+    A = torch.randn(D, D, generator=g, dtype=torch.float64)
+    return scale * torch.randn(n, D, generator=g, dtype=torch.float64) @ A + shift
 
 
-def test_w2_of_diagonal_gaussians_is_closed_form():
-    g = torch.Generator().manual_seed(0)
-    mu_e, mu_c = torch.randn(6, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
-    a, b = torch.rand(6, generator=g, dtype=torch.float64) + 0.1, torch.rand(6, generator=g, dtype=torch.float64)
-    w2 = vqvae.gaussian_w2_sq(mu_e, torch.diag(a), mu_c, torch.diag(b))
-    expected = (mu_e - mu_c).square().sum() + (a.sqrt() - b.sqrt()).square().sum()
-    torch.testing.assert_close(w2, expected, rtol=1e-10, atol=1e-12)
-    same = vqvae.gaussian_w2_sq(mu_e, torch.diag(a), mu_e, torch.diag(a))
-    assert abs(same.item()) < 1e-12
+def test_w2_equals_the_official_formula_by_scipy_sqrtm():
+    features, codes = spread_rows(500, 6, 0, scale=3.0), spread_rows(40, 6, 1, shift=0.5)
+    expected = official_w2(features, codes)
+    assert baselines.gaussian_w2(features, codes).item() == pytest.approx(expected, rel=1e-6)
+    # the scale s: multiplying features and codes together leaves W unchanged (it is measured in units of s)
+    assert baselines.gaussian_w2(7 * features, 7 * codes).item() == pytest.approx(expected, rel=1e-6)
+    same = baselines.gaussian_w2(features, features).item()
+    assert same < 1e-3 * expected  # identical fits: only the 1e-8 / 1e-10 regularisers remain
 
 
-@pytest.mark.parametrize("rank_c", [None, 3])  # a full-rank codebook covariance, and one of K - 1 = 3 < D
-def test_w2_equals_scipy_sqrtm(rank_c):
-    scipy_linalg = pytest.importorskip("scipy.linalg")
-    D = 7
-    S_e, S_c = random_spd(D, 1), random_spd(D, 2, rank_c)
-    mu_e, mu_c = torch.full((D,), 0.3, dtype=torch.float64), torch.zeros(D, dtype=torch.float64)
-    R = scipy_linalg.sqrtm(S_e.numpy())
-    cross = scipy_linalg.sqrtm(R @ S_c.numpy() @ R).real
-    expected = 0.09 * D + float(torch.trace(S_e + S_c)) - 2 * float(cross.trace())
-    assert vqvae.gaussian_w2_sq(mu_e, S_e, mu_c, S_c).item() == pytest.approx(expected, rel=1e-6, abs=1e-8)
+def test_w2_gradient_reaches_the_codes_only_matches_finite_differences_and_is_finite_when_singular():
+    features = spread_rows(300, 5, 2)
+    codes = spread_rows(12, 5, 3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda c: baselines.gaussian_w2(features, c), (codes,))
+    features.requires_grad_()
+    few = spread_rows(3, 5, 4).requires_grad_()  # K = 3 < D = 5: the codes' covariance is singular
+    baselines.gaussian_w2(features, few).backward()
+    assert features.grad is None  # the features' moments are detached: the loss moves the codes only
+    assert torch.isfinite(few.grad).all() and few.grad.abs().sum() > 0
 
 
-def test_w2_gradient_in_the_codebook_moments_matches_finite_differences():
-    D = 5
-    S_e = random_spd(D, 3)
-    mu_e = torch.linspace(-1, 1, D, dtype=torch.float64)
-    A = torch.randn(D, D, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    mu_c = torch.zeros(D, dtype=torch.float64, requires_grad=True)
-    # through a factor, so every perturbation keeps S_c symmetric positive definite
-    A = A.requires_grad_()
-    assert torch.autograd.gradcheck(lambda m, a: vqvae.gaussian_w2_sq(mu_e, S_e, m, a @ a.t() / D + 0.1 * torch.eye(
-        D, dtype=torch.float64)), (mu_c, A))
-
-
-def test_w2_loss_gradient_reaches_the_codebook_only_and_is_finite_for_a_rank_deficient_codebook():
+def test_wvq_loss_terms_weights_and_init_follow_the_official_code():
     torch.manual_seed(0)
-    q = make_q("wasserstein_vq", K=4, D=8, wasserstein_weight=1.0).train()  # K < D: S_c is singular
-    z = latents(B=8).requires_grad_()
-    _, losses, _ = q(z)
-    losses["wasserstein_loss"].backward()
-    assert z.grad is None or z.grad.abs().sum() == 0  # the queue is detached: the features stay free
-    assert torch.isfinite(q.codebook.grad).all() and q.codebook.grad.abs().sum() > 0
+    cfg = Config(quantizer="wasserstein_vq")
+    assert (cfg.codebook_weight, cfg.wvq_commitment_weight, cfg.wasserstein_weight) == (1.0, 0.1, 0.5)
+    assert (cfg.wvq_codebook_lr, cfg.wvq_queue_size) == (0.02, 65536)
+    q = make_q("wasserstein_vq", K=64, wvq_queue_size=200).train()
+    assert 0.005 < q.codebook.std().item() < 0.015 and 0.005 < q.queue.std().item() < 0.015  # N(0, 0.01^2) both
+    z = latents(B=2)  # 18 rows enqueued over the noise the queue starts with
+    queue_before = q.queue.clone()
+    _, losses, metrics = q(z)
+    e = z.permute(0, 2, 3, 1).reshape(-1, 8)
+    torch.testing.assert_close(q.queue[:18], e)  # this batch is in the fit it is scored against
+    assert torch.equal(q.queue[18:], queue_before[18:])
+    C = q.codebook.detach()
+    z_q = C[metrics["code_indices"].reshape(-1)]
+    assert losses["commitment_loss"].item() == pytest.approx(0.1 * (e - z_q).square().mean().item(), rel=1e-6)
+    assert losses["codebook_loss"].item() == pytest.approx((e - z_q).square().mean().item(), rel=1e-6)
+    assert losses["wasserstein_loss"].item() == pytest.approx(0.5 * official_w2(q.queue, C), rel=1e-5)
 
 
-def test_w2_loss_equals_fit_of_queue_and_codebook():
+def test_wvq_codebook_is_its_own_adam_group_clipped_to_norm_one():
     torch.manual_seed(0)
-    q = make_q("wasserstein_vq", wasserstein_weight=2.0, wvq_queue_size=100).train()
-    z = latents(B=4)  # 36 rows: the queue is partly filled
-    _, losses, _ = q(z)
-    e = z.permute(0, 2, 3, 1).reshape(-1, 8).double()
-    C = q.codebook.detach().double()
-    mu_e, mu_c = e.mean(0), C.mean(0)
-    S_e, S_c = (e - mu_e).t() @ (e - mu_e) / len(e), (C - mu_c).t() @ (C - mu_c) / len(C)
-    expected = 2.0 * vqvae.gaussian_w2_sq(mu_e, S_e, mu_c, S_c)
-    assert losses["wasserstein_loss"].item() == pytest.approx(expected.item(), rel=1e-4)
+    model = vqvae.VQVAE(Config(quantizer="wasserstein_vq", arch="compact", latent_dim=8, codebook_size=16,
+                               wvq_queue_size=1024, wasserstein_weight=50.0))
+    opt, clipped = vqvae.make_optimizer(model, model.cfg)
+    shared, own = opt.param_groups
+    assert own["params"] == [model.quantizer.codebook] and own["lr"] == 0.02 and own["betas"] == (0.9, 0.95)
+    assert own["weight_decay"] == 0.0 and "max_grad_norm" not in own
+    assert shared["lr"] == model.cfg.lr and shared["weight_decay"] == model.cfg.weight_decay
+    assert len(shared["params"]) == len(list(model.parameters())) - 1  # everything else trains with the autoencoder
+    assert clipped == [([model.quantizer.codebook], 1.0)]
+    assert vqvae.make_optimizer(vqvae.VQVAE(Config(quantizer="vq_ema")), Config())[1] == []  # no groups: as before
 
 
-def test_wvq_queue_is_fifo_filled_in_training_only():
+def test_wvq_train_step_clips_the_codebook_gradient_only(tmp_path, small_sample):
+    cfg = tiny_cfg(tmp_path, "wasserstein_vq", wasserstein_weight=100.0)
+    trainer = vqvae.Trainer(cfg, tmp_path / "run", torch.device("cpu"))
+    x = next(iter(trainer.train_batches.epoch(0)))
+    out = trainer.train_step(x)
+    codebook = trainer.model.quantizer.codebook
+    assert out["grad_norm"] > 1.0  # the logged norm is the unclipped total
+    assert codebook.grad.norm().item() == pytest.approx(1.0, rel=1e-5)  # clipped to its group's norm
+    others = [p.grad.norm() for p in trainer.model.parameters() if p is not codebook and p.grad is not None]
+    assert max(others) > 0
+
+
+def test_wvq_queue_is_fifo_and_filled_in_training_only():
     torch.manual_seed(0)
     q = make_q("wasserstein_vq", wvq_queue_size=50)
     batches = [latents(B=2, seed=s) for s in range(4)]  # 18 rows each
     rows = torch.cat([b.permute(0, 2, 3, 1).reshape(-1, 8) for b in batches])
+    start = q.queue.clone()
     q.eval()(batches[0])
-    assert int(q.queue_len) == 0
+    assert torch.equal(q.queue, start) and int(q.queue_ptr) == 0
     for b in batches:
         q.train()(b)
-    assert int(q.queue_len) == 50 and int(q.queue_ptr) == 72 % 50
+    assert int(q.queue_ptr) == 72 % 50
     held = torch.cat([q.queue[22:], q.queue[:22]])  # oldest first: ring order from the write pointer
     torch.testing.assert_close(held, rows[-50:], rtol=0, atol=0)
-    assert {"queue", "queue_ptr", "queue_len"} <= set(q.state_dict())  # saved: resume continues the same queue
+    assert {"queue", "queue_ptr"} <= set(q.state_dict())  # saved: resume continues the same queue
     big = make_q("wasserstein_vq", wvq_queue_size=10).train()
     big(batches[0])  # more rows than the queue holds: the last ten
     assert torch.equal(big.queue, rows[8:18]) and int(big.queue_ptr) == 0
@@ -252,27 +278,61 @@ def test_wvq_queue_is_fifo_filled_in_training_only():
 
 # -- CVQ ------------------------------------------------------------------------------------------------------------
 
-def test_cvq_anchor_update_matches_hand_computation():
+def cosine_closest(x, C):
+    """For each row of x, the row of C with the largest cosine similarity, from the explicit similarity matrix."""
+    return (F.normalize(x, dim=1) @ F.normalize(C, dim=1).t()).argmax(1)
+
+
+@pytest.mark.parametrize("distance", ["cos", "l2"])
+def test_cvq_lookup_and_anchor_update_match_the_official_formulas(distance):
     torch.manual_seed(0)
-    q = make_q("cvq", K=6, D=3, kmeans_init=False, decay=0.9, dead_code_threshold=0.0).train()
+    q = make_q("cvq", K=6, D=3, decay=0.9, cvq_distance=distance).train()
     q.usage.copy_(torch.tensor([0.0, 1e-4, 1e-3, 0.01, 0.2, 0.5]))
-    q.codebook.data[0] = 100.0  # far from every output: code 0 stays unused
     C0, P0 = q.codebook.detach().clone(), q.usage.clone()
     z = latents(B=2, D=3, seed=5)
     _, _, metrics = q(z)
     e = z.permute(0, 2, 3, 1).reshape(-1, 3)
     idx = metrics["code_indices"].reshape(-1)
+    if distance == "cos":
+        assert torch.equal(idx, cosine_closest(e, C0))
+        anchor = e[cosine_closest(C0, e)]  # the output most similar to each code
+    else:
+        assert torch.equal(idx, torch.cdist(e, C0).argmin(1))
+        anchor = e[torch.cdist(C0, e).argmin(1)]  # the output nearest each code
     P = 0.9 * P0 + 0.1 * torch.bincount(idx, minlength=6).float() / len(e)
     a = torch.exp(-10 * 6 * P / 0.1 - 1e-3)
-    anchor = e[((C0[:, None] - e[None]) ** 2).sum(-1).argmin(1)]  # the output nearest each code
     torch.testing.assert_close(q.usage, P)
     torch.testing.assert_close(q.codebook.detach(), (1 - a[:, None]) * C0 + a[:, None] * anchor)
-    assert idx.min() > 0 and a[0] > 0.99 and a[-1] < 1e-6  # an unused code jumps onto a feature, used ones stay
+    assert metrics["anchor_weight"].item() == pytest.approx(a.mean().item())
+
+
+def test_cvq_defaults_and_init_follow_the_official_code():
+    cfg = Config(quantizer="cvq")
+    assert (cfg.cvq_distance, cfg.commitment_weight, cfg.codebook_weight, cfg.decay) == ("cos", 0.25, 1.0, 0.99)
+    q = make_q("cvq", K=64)
+    assert q.codebook.abs().max() <= 1 / 64 and q.codebook.abs().max() > 0.9 / 64  # uniform(-1/K, 1/K)
+    assert torch.equal(q.usage, torch.zeros(64)) and q.param_groups() == []
+    # the eval code is the raw code of the most similar direction, not the direction itself
+    q.eval()
+    z = latents(seed=3)
+    z_q, _, metrics = q(z)
+    torch.testing.assert_close(z_q, as_bdhw(q.codebook.detach()[metrics["code_indices"]]), rtol=0, atol=1e-6)
+
+
+def test_cvq_anchor_reaches_half_after_about_720_steps_of_disuse():
+    """The budget effect LEADERBOARD.md reports: a code in average use that falls out of use waits ~720 steps."""
+    K, d = 512, 0.99
+    q = make_q("cvq", K=K, D=4, decay=d)
+    steps = next(t for t in range(5000) if math.exp(-10 * K * (d ** t / K) / (1 - d) - 1e-3) >= 0.5)
+    assert 700 < steps < 740
+    q.usage.fill_(d ** steps / K)
+    a = torch.exp(-q.ANCHOR_SCALE * K * q.usage / (1 - d) - q.ANCHOR_EPS)
+    assert (a >= 0.5).all()
 
 
 def test_cvq_backward_after_in_place_update_gives_the_lookups_gradient():
     torch.manual_seed(0)
-    q = make_q("cvq", kmeans_init=False).train()
+    q = make_q("cvq").train()
     C0 = q.codebook.detach().clone()
     z = latents().requires_grad_()
     z_q, losses, metrics = q(z)
@@ -283,6 +343,23 @@ def test_cvq_backward_after_in_place_update_gives_the_lookups_gradient():
     idx = metrics["code_indices"].reshape(-1)
     expected = torch.zeros_like(C0).index_add_(0, idx, 2 * (C0[idx] - e) / e.numel())
     torch.testing.assert_close(q.codebook.grad, expected)
+
+
+def test_older_checkpoints_of_the_baselines_load_and_keep_their_meaning(tmp_path):
+    """CVQ saved before cvq_distance existed looked codes up by L2; the EMA buffers the learned codebooks once had
+    are dropped."""
+    torch.manual_seed(0)
+    model = vqvae.VQVAE(Config(quantizer="cvq", arch="compact", latent_dim=8, codebook_size=16))
+    config = vqvae.config_to_dict(model.cfg)
+    del config["cvq_distance"]
+    state = {**model.state_dict(), "quantizer.ema_count": torch.ones(16), "quantizer.ema_sum": torch.zeros(16, 8),
+             "quantizer.initialized": torch.tensor(True)}
+    torch.save({"format": 2, "config": config, "model": state}, tmp_path / "old.pt")
+    loaded, _ = vqvae.load_checkpoint(tmp_path / "old.pt")
+    assert loaded.cfg.cvq_distance == "l2" and torch.equal(loaded.quantizer.codebook, model.quantizer.codebook)
+    torch.save({"format": 99, "config": config, "model": state}, tmp_path / "new.pt")
+    with pytest.raises(vqvae.UserError, match="format 99"):
+        vqvae.load_checkpoint(tmp_path / "new.pt")
 
 
 # -- real runs: train(cfg) end to end, and resume bit-exact ----------------------------------------------------------
@@ -318,6 +395,7 @@ def test_trains_and_resumes_bit_exactly(tmp_path, small_sample, kind):
     assert all(math.isfinite(v) for v in straight.values()) and LOSSES[kind] <= set(straight)
     model, _ = vqvae.load_checkpoint(run_dir / "final_model.pt")
     assert type(model.quantizer) is vqvae.QUANTIZERS[kind]
+    assert model.quantizer.__module__ == "baselines"  # registered from outside vqvae.py
     if kind == "fsq":  # validation's usage and perplexity are over the K actually used, which is reported
         K = straight["codebook_size_used"]
         assert K == model.quantizer.K == 30
