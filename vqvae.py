@@ -133,6 +133,8 @@ class Config:
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _f("auto", "autocast dtype (auto: bf16 on CUDA, else fp32)")
     compile: bool = _f(False, "wrap the model with torch.compile")
+    deterministic: bool = _f(False, "repeatable CUDA runs, bit for bit (deterministic algorithms, cuDNN without "
+                                    "autotuning, a fixed cuBLAS workspace; slower); CPU fp32 runs are without it")
     # logging
     log_every: int = _f(0, "steps between train records (0: auto, total steps / 100 within [1, 50])")
     checkpoint_every: int = _f(10, "epochs between checkpoint_epoch{N}.pt files")
@@ -260,7 +262,7 @@ def resolve_config(config_file: Optional[str], flags: dict) -> Config:
 
 # Fields that may differ when a run is resumed: they change neither the model nor its training trajectory's state.
 RESUMABLE_CHANGES = {"epochs", "log_every", "checkpoint_every", "wandb", "wandb_project", "resume", "overwrite",
-                     "device", "data_dir", "out_dir", "compile"}
+                     "device", "data_dir", "out_dir", "compile", "deterministic"}
 
 
 # ################################################################################################################
@@ -1402,11 +1404,38 @@ def blahut_arimoto_rd(x: torch.Tensor, y: torch.Tensor, beta: float, distortion=
 # ################################################################################################################
 
 def pick_device(name: str = "auto") -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device `name` names (auto: MPS > CUDA > CPU), or UserError, naming the fix, when it is not on this
+    machine: a run must stop before it writes anything, not at its first CUDA call."""
+    if name == "auto":
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
+    if device.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise UserError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); "
+                            f"use --device cpu")
+        if device.index is not None and device.index >= n:
+            raise UserError(f"--device {name}: this machine has {n} GPU(s), cuda:0 to cuda:{n - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: training runs on cpu, cuda or mps")
+    return device
+
+
+def set_deterministic(on: bool):
+    """Deterministic algorithms (the index/scatter ops the quantizers use, index_add_ and index_put_ among them,
+    switch to their deterministic CUDA versions), cuDNN deterministic, and the cuBLAS workspace setting CUDA needs
+    for repeatable GEMMs. The workspace is read when cuBLAS starts, so this runs before the first CUDA op."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
 
 
 def compile_nets(model: VQVAE, device: torch.device, backend: str = "inductor") -> bool:
@@ -1465,6 +1494,16 @@ def set_seed(seed: int):
     torch.manual_seed(seed)
 
 
+def is_scalar(v) -> bool:
+    """A metric the loops average and log: a number or a 0-d tensor (code_indices and z_soft are neither)."""
+    return isinstance(v, (int, float)) or (torch.is_tensor(v) and v.dim() == 0)
+
+
+def as_scalar(v, device) -> torch.Tensor:
+    """A metric as a float32 0-d tensor on `device`, wherever the quantizer put it (a CPU scalar on a CUDA run)."""
+    return torch.as_tensor(v).detach().float().to(device)
+
+
 class NonFiniteError(RuntimeError):
     """Loss or gradients became NaN/Inf."""
 
@@ -1480,6 +1519,7 @@ class Trainer:
         self.cfg, self.run_dir, self.device, self.rank, self.world = cfg, run_dir, device, rank, world
         if cfg.batch_size % world:  # equal shards: DDP's mean of rank gradients is then the global batch's
             raise UserError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
+        set_deterministic(cfg.deterministic)
         set_seed(cfg.seed)
         train_u8, test_u8 = load_cifar10(cfg)
         self.train_batches = Batches(train_u8, cfg.batch_size, device, True, cfg.seed, rank, world)
@@ -1487,7 +1527,7 @@ class Trainer:
         self.model = VQVAE(cfg).to(device)
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
-            torch.backends.cudnn.benchmark = True
+            torch.backends.cudnn.benchmark = not cfg.deterministic  # autotuning picks algorithms by timing
         self.net = self._wrap(self.model)
         self.optimizer, self.clipped = make_optimizer(self.model, cfg)
         self.amp_dtype = autocast_dtype(cfg, device)
@@ -1537,7 +1577,7 @@ class Trainer:
         # numbered like metrics.jsonl: step N is the N-th optimizer step
         self.pending.append((self.step + 1, torch.stack(list(terms.values()))))
         self.term_names = list(terms)
-        return {**terms, **{k: v for k, v in metrics.items() if k != "code_indices"}}
+        return {**terms, **{k: v for k, v in metrics.items() if is_scalar(v)}}
 
     def check_finite(self):
         """Raise NonFiniteError naming the first step and term that went NaN/Inf since the last check."""
@@ -1563,13 +1603,13 @@ class Trainer:
         for x in self.train_batches.epoch(self.epoch, start=self.step_in_epoch):
             out = self.train_step(x)
             for k, v in out.items():
-                self.epoch_sums[k] = self.epoch_sums.get(k, 0) + v.detach().float()
+                self.epoch_sums[k] = self.epoch_sums.get(k, 0) + as_scalar(v, self.device)
             self.step += 1
             self.step_in_epoch += 1
             progress.update(1)
             if self.step % self.log_every == 0:
                 self.check_finite()
-                record = {f"train/{k}": v.item() for k, v in self._rank_mean(out, self.term_names).items()}
+                record = {f"train/{k}": float(v) for k, v in self._rank_mean(out, self.term_names).items()}
                 logger.log({"step": self.step, "epoch": self.epoch + 1, **record})
                 progress.set_postfix(loss=f"{record['train/loss']:.4f}", ppl=f"{record['train/perplexity']:.1f}")
             if self.stop_agreed(stop):
@@ -1706,9 +1746,10 @@ def validate(model: VQVAE, batches: Batches, autocast=None) -> dict:
             terms["soft_clamped_mse"] = F.mse_loss(x_soft.clamp(-1, 1), x)
         # every scalar the quantizer reports, image-weighted; perplexity and usage are recomputed below from the
         # whole set's histogram, and report() has the last word on its own keys
-        terms.update({k: v for k, v in metrics.items() if torch.is_tensor(v) and v.dim() == 0})
+        terms.update({k: v for k, v in metrics.items() if is_scalar(v)})
         for k, v in terms.items():  # image-weighted; an empty slice's means are NaN and add nothing
-            sums[k] = sums.get(k, 0) + (v.float() * len(x) if len(x) else torch.zeros((), device=x.device))
+            v = as_scalar(v, x.device)
+            sums[k] = sums.get(k, 0) + (v * len(x) if len(x) else torch.zeros((), device=x.device))
         counts += code_histogram(metrics["code_indices"], K)
         n_images += len(x)
     names = list(sums)
@@ -1909,9 +1950,16 @@ def _dist_rank_world() -> tuple[int, int]:
 
 
 def _ddp_device(cfg: Config, rank: int) -> torch.device:
-    """One device per process: cuda:LOCAL_RANK when CUDA is asked for (or auto and present), else the CPU."""
+    """One device per process: cuda:LOCAL_RANK when CUDA is asked for (or auto and present), else the CPU. Every
+    process checks that the machine has a GPU for each of its processes, so all stop alike before writing."""
     name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
+        pick_device("cuda")  # CUDA present at all
+        gpus, procs = torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", _world()))
+        if procs > gpus:
+            raise UserError(f"torchrun started {procs} processes on this machine, which has {gpus} GPU(s): use "
+                            f"--nproc_per_node={gpus} or fewer (one process per GPU), or --device cpu to run the "
+                            f"processes on the CPU (gloo)")
         local = int(os.environ.get("LOCAL_RANK", rank))
         torch.cuda.set_device(local)
         return torch.device("cuda", local)

@@ -368,7 +368,7 @@ def tiny_cfg(tmp_path, quantizer, **overrides):
     return vqvae.make_config({"dataset": "cifar10-sample", "arch": "compact", "latent_dim": 16, "codebook_size": 16,
                               "batch_size": 64, "kmeans_iters": 2, "wandb": False, "quantizer": quantizer,
                               "wvq_queue_size": 6000, "out_dir": str(tmp_path), "name": "run", "epochs": 2,
-                              "checkpoint_every": 1, **overrides})
+                              "checkpoint_every": 1, "device": "cpu", **overrides})  # CPU: exact resume
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import vqvae
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"dataset": "cifar10-sample", "arch": "compact", "latent_dim": 16, "codebook_size": 32, "batch_size": 32,
-        "kmeans_iters": 2, "wandb": False}
+        "kmeans_iters": 2, "wandb": False, "device": "cpu"}  # gloo on the CPU, with or without a GPU
 CONFIGS = {
     # EMA cluster sizes and sums, k-means on the gathered batch, dead-code restarts drawn from the global batch
     "vq_ema_restarts": {"quantizer": "vq_ema", "dead_code_threshold": 40.0},
@@ -118,7 +118,7 @@ def test_torchrun_cli_matches_one_process(tmp_path):
     """The real CLI under torchrun: one set of run files, written by rank 0, with one process's metrics."""
     flags = ["--dataset", "cifar10-sample", "--arch", "compact", "--latent_dim", "16", "--quantizer", "ba_vq",
              "--ba_iters", "2", "--codebook_size", "32", "--batch_size", "64", "--epochs", "1", "--kmeans_iters",
-             "2", "--log_every", "5", "--no_wandb", "--out_dir", tmp_path,
+             "2", "--log_every", "5", "--no_wandb", "--device", "cpu", "--out_dir", tmp_path,
              # beta 30, not the default 100: at beta 100 relative p is so sharp that a last-digit difference from
              # the order of DDP's gradient sums moves E H(p) by ~10 % within 10 steps (at 30 the runs agree to 1e-3)
              "--beta_end", "30"]

@@ -4,9 +4,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
+
+nbformat = pytest.importorskip("nbformat", reason="nbformat/nbclient (requirements-dev.txt) run the notebook")
+NotebookClient = pytest.importorskip("nbclient", reason="nbclient (requirements-dev.txt) runs the notebook"
+                                     ).NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "analyze.ipynb"

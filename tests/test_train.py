@@ -14,7 +14,7 @@ import vqvae
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "cifar10-sample", "--arch", "compact", "--codebook_size", "32", "--batch_size", "64",
-        "--no_wandb", "--log_every", "3", "--kmeans_iters", "2"]
+        "--no_wandb", "--log_every", "3", "--kmeans_iters", "2", "--device", "cpu"]  # CPU: exact resume
 
 
 def run_cli(*args, cwd=ROOT, check=True):
