@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vqvae import (Config, Quantized, Quantizer, UserError, dist_sum_, gather_rows, nearest_code,
+from vqvae import (Config, Quantized, Quantizer, UserError, code_counts, dist_sum_, gather_rows, nearest_code,
                    register_quantizer, vq_losses)
 
 
@@ -150,8 +150,9 @@ class _RoundSTE(torch.autograd.Function):
 @register_quantizer("fsq")
 class FSQQuantizer(Quantizer):
     """Finite Scalar Quantization (Mentzer et al. 2023, "Finite Scalar Quantization: VQ-VAE Made Simple",
-    arXiv:2309.15505; checked against the paper's appendix code and its notebook): no codebook. e is projected to d = len(levels) channels, each bounded to L_i integer values and
-    rounded (straight-through), so the codes are a fixed grid of prod_i L_i points; projected back to D for the decoder.
+    arXiv:2309.15505; checked against the paper's appendix code and notebook): no codebook. e is projected to
+    d = len(levels) channels, each bounded to L_i integer values and rounded (straight-through), so the codes are a
+    fixed grid of prod_i L_i points; projected back to D for the decoder.
 
         h = project_in(e)                                       (N, d)
         bound(h)_i = tanh(h_i + shift_i) half_i - offset_i,     half_i = (L_i - 1)/2 (1 - 1e-3),
@@ -251,7 +252,9 @@ def gaussian_w2(features: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     R = (U * (lam.clamp_min(0) + W2_EIG_EPS).sqrt()) @ U.t()  # S_z^1/2 (D, D)
     M = R @ S_c @ R
     ev = torch.linalg.eigvalsh((M + M.t()) / 2)  # (D,), symmetrised against rounding
-    trace_part = F.relu(S_z.trace() + S_c.trace() - 2 * (ev.clamp_min(0) + W2_EIG_EPS).sqrt().sum())
+    cross = (ev.clamp_min(0) + W2_EIG_EPS).sqrt().sum()  # tr (S_z^1/2 S_c S_z^1/2)^1/2
+    # diagonal().sum(), not trace(): trace's backward reads a value back to the host
+    trace_part = F.relu(S_z.diagonal().sum() + S_c.diagonal().sum() - 2 * cross)
     return ((mu_z - mu_c).square().sum() + trace_part + W2_EPS).sqrt().to(**out)
 
 
@@ -394,7 +397,7 @@ class CVQQuantizer(Quantizer):
     def _pull_to_anchors(self, e: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The usage EMA and the anchor update above; returns the mean a_k."""
         d = self.hp.decay
-        counts = dist_sum_(torch.bincount(idx, minlength=self.K).to(e.dtype))  # (K,) over all ranks
+        counts = dist_sum_(code_counts(idx, self.K, e.dtype))  # (K,) over all ranks
         self.usage.mul_(d).add_(counts / counts.sum(), alpha=1 - d)
         a = torch.exp(-self.ANCHOR_SCALE * self.K * self.usage / (1 - d) - self.ANCHOR_EPS)  # (K,)
         rows = gather_rows(e)  # (N_global, D): the same candidates, in the same order, on every rank

@@ -30,7 +30,6 @@ of the CIFAR-10 subset (5,085 images) is 39 such steps.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import datetime
 import gc
@@ -174,17 +173,6 @@ def peak_increase_mib(step, device) -> float | None:
 # Quantizer cases
 # ################################################################################################################
 
-def dense_ba_assign(e, C, log_Q0, beta, iters, chunk, want_sums=False, want_z=True):
-    """`vqvae.ba_assign`'s outputs from the direct (N, K) formula, autograd doing the backward (z always formed:
-    the direct reference, as a user would write it)."""
-    z, log_Q, idx, p = vqvae.ba_assign_direct(e, C, log_Q0, beta, iters)
-    H_p = -torch.special.xlogy(p, p).sum(1).mean()
-    with torch.no_grad():
-        counts = p.sum(0)
-        sums = p.t() @ e if want_sums else None
-    return z, log_Q, idx, counts, sums, H_p, p.amax(1).mean().detach()
-
-
 def make_forward(impl: str, D: int, K: int, iters: int, device, chunk: int, beta: float = 100.0,
                  topk_k: int = 16):
     """(forward(x) -> (z_q, quantizer loss), input layout) for one implementation, in training mode."""
@@ -203,23 +191,13 @@ def make_forward(impl: str, D: int, K: int, iters: int, device, chunk: int, beta
     q = vqvae.make_quantizer(cfg, D).to(device).train()
     if kind == "ba_vq":
         q.set_beta(beta)
+    if impl == "ba_direct":  # the E-M pass written plainly, (N, K) matrices and autograd's backward
+        q.assign = vqvae.ba_assign_direct
 
     def forward(z):
-        swap = _swapped(vqvae, "ba_assign", dense_ba_assign) if impl == "ba_direct" else contextlib.nullcontext()
-        with swap:
-            z_q, losses, _ = q(z)
+        z_q, losses, _ = q(z)
         return z_q, sum(losses.values())
     return forward, "BDHW"
-
-
-@contextlib.contextmanager
-def _swapped(module, name, value):
-    old = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, old)
 
 
 def dense_gib(impl: str, N: int, K: int, iters: int) -> float:

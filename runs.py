@@ -16,7 +16,7 @@ import torch
 
 import baselines  # noqa: F401  (registers simvq, fsq, wasserstein_vq, cvq)
 import vqvae
-from vqvae import Batches, Quantizer, VQVAE, blahut_arimoto_rd, code_histogram, load_cifar10, make_config, read_yaml
+from vqvae import Batches, Quantizer, VQVAE, load_cifar10, make_config, read_yaml
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -147,7 +147,7 @@ def code_counts(model: VQVAE, images: torch.Tensor, batch: int = 256) -> torch.T
     device = next(model.parameters()).device
     counts = torch.zeros(model.quantizer.K, dtype=torch.long)
     for x in Batches(images, batch, device, shuffle=False).epoch(0):
-        counts += code_histogram(model(x)[3]["code_indices"], model.quantizer.K).cpu()
+        counts += vqvae.code_counts(model(x)[3]["code_indices"], model.quantizer.K, torch.long).cpu()
     return counts
 
 
@@ -167,10 +167,35 @@ def latents(model: VQVAE, images: torch.Tensor, n: int, seed: int = 0, batch: in
     return e[pick], idx[pick]
 
 
+def blahut_arimoto_rd(x: torch.Tensor, y: torch.Tensor, beta: float, distortion=None, iters: int = 10_000,
+                      tol: float = 1e-12, weights: Optional[torch.Tensor] = None) -> tuple[float, float]:
+    """Rate-distortion point of the source samples x against reproductions y at slope -beta, by Blahut-Arimoto
+    run to convergence (float64). Returns (rate in bits, expected distortion).
+
+    distortion(x, y) -> (N, M) matrix; default squared Euclidean. weights: source probabilities (default uniform).
+    """
+    x, y = x.double(), y.double()
+    d = distortion(x, y).double() if distortion else torch.cdist(x.reshape(len(x), -1), y.reshape(len(y), -1)) ** 2
+    w = (weights.double() / weights.sum()) if weights is not None else torch.full((len(x),), 1.0 / len(x),
+                                                                                      dtype=torch.float64)
+    log_Q = torch.full((len(y),), -math.log(len(y)), dtype=torch.float64)
+    for _ in range(iters):
+        log_p = torch.log_softmax(log_Q - beta * d, dim=1)  # (N, M) p(y|x)
+        new = torch.logsumexp(log_p + w.log()[:, None], dim=0)
+        done = (new.exp() - log_Q.exp()).abs().max() < tol
+        log_Q = new
+        if done:
+            break
+    log_p = torch.log_softmax(log_Q - beta * d, dim=1)
+    p = log_p.exp()
+    rate = (w[:, None] * p * (log_p - log_Q)).nansum().item() / math.log(2)
+    return rate, (w[:, None] * p * d).sum().item()
+
+
 def operating_point(e: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor) -> tuple[float, float]:
     """(rate in bits, distortion) of the hard codes idx for latents e (N, D): the entropy of their histogram and
     the mean ||e - c_idx||^2, the two quantities blahut_arimoto_rd trades off."""
-    probs = code_histogram(idx, len(codebook)).double() / len(idx)
+    probs = vqvae.code_counts(idx, len(codebook), torch.float64) / len(idx)
     probs = probs[probs > 0]
     rate = -(probs * probs.log2()).sum().item()
     return rate, (e.double() - codebook[idx].double()).square().sum(1).mean().item()

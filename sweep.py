@@ -14,14 +14,24 @@ Sweep file:
 Precedence: defaults < --config file < base < experiment < command-line flags. A finished experiment
 (final_metrics.json present) is skipped; an interrupted one (last.pt present) is resumed. At the end
 results.csv and results.md summarise every experiment, best PSNR first.
+
+`--jobs N` runs N experiments at a time, each in its own process (`python train.py --config <its config>`), on the
+same device; each one's output goes to <out_dir>/<sweep>/logs/<experiment>.log. On the CPU each process takes
+(cores / N) threads unless OMP_NUM_THREADS says otherwise. A run's result does not depend on what runs beside it.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
+
+import yaml
 
 import runs
 import vqvae
@@ -65,20 +75,60 @@ def experiment_configs(spec: dict, config_file: Optional[str], flags: dict) -> l
     return configs
 
 
-def run_sweep(path: str, config_file: Optional[str] = None, flags: Optional[dict] = None) -> list[dict]:
+def run_sweep(path: str, config_file: Optional[str] = None, flags: Optional[dict] = None, jobs: int = 1) -> list[dict]:
+    if jobs < 1:
+        raise UserError(f"--jobs must be >= 1, got {jobs}")
     spec = read_sweep(path)
     configs = experiment_configs(spec, config_file, flags or {})
+    todo = []
     for i, (_, cfg) in enumerate(configs, 1):
         run_dir = Path(cfg.out_dir) / cfg.name
         if (run_dir / "final_metrics.json").exists():
             print(f"[{i}/{len(configs)}] {cfg.name}: finished, skipping")
             continue
         resume = (run_dir / "last.pt").exists()
-        print(f"[{i}/{len(configs)}] {cfg.name}: {'resuming' if resume else 'starting'}")
-        vqvae.train(dataclasses.replace(cfg, resume=resume, overwrite=not resume))
+        print(f"[{i}/{len(configs)}] {cfg.name}: {'resuming' if resume else 'starting'}", flush=True)
+        todo.append(dataclasses.replace(cfg, resume=resume, overwrite=not resume))
+        if jobs == 1:
+            vqvae.train(todo[-1])
+    if jobs > 1:
+        run_in_parallel(todo, jobs)
     rows = collect_results(configs)
     write_results(rows, Path(configs[0][1].out_dir))
     return rows
+
+
+def run_in_parallel(configs: list[vqvae.Config], jobs: int):
+    """Each config in a process of its own, `jobs` at a time; raises UserError naming the runs that failed."""
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // jobs))
+    pending, running, failed = list(configs), [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        while pending or running:
+            while pending and len(running) < jobs:
+                cfg = pending.pop(0)
+                running.append((cfg, _launch(cfg, Path(tmp), threads)))
+            time.sleep(0.2)
+            for cfg, proc in [r for r in running if r[1].poll() is not None]:
+                running.remove((cfg, proc))
+                print(f"{cfg.name}: {'done' if proc.returncode == 0 else f'failed (exit {proc.returncode})'}",
+                      flush=True)
+                if proc.returncode != 0:
+                    failed.append(cfg.name)
+    if failed:
+        log_dir = Path(configs[0].out_dir) / "logs"
+        raise UserError(f"{len(failed)} of {len(configs)} experiments failed: {', '.join(failed)} (see {log_dir})")
+
+
+def _launch(cfg: vqvae.Config, tmp: Path, threads: str) -> subprocess.Popen:
+    """`python train.py --config <cfg>` with its output in <out_dir>/logs/<name>.log."""
+    config = tmp / f"{cfg.name}.yaml"
+    config.write_text(yaml.safe_dump(vqvae.config_to_dict(cfg), sort_keys=False))
+    log = Path(cfg.out_dir) / "logs" / f"{cfg.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as fh:  # the child keeps its own handle
+        return subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent / "train.py"), "--config",
+                                 str(config)], stdout=fh, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": threads})
 
 
 def collect_results(configs: list[tuple[str, vqvae.Config]]) -> list[dict]:

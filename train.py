@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                      argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML file of config keys (flags override it)")
     parser.add_argument("--sweep", help="YAML sweep file: base config + named experiments (see sweeps/)")
+    parser.add_argument("--jobs", type=int, help="with --sweep: experiments run at a time, each in a process of its "
+                                                 "own (default 1)")
     hints = typing.get_type_hints(Config)
     for name, f in vqvae.config_fields().items():
         kind, choices = _flag_type(hints[name])
@@ -72,7 +74,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, dict]:
         options = [o for o in parser._option_string_actions if o.startswith("--")]
         near = difflib.get_close_matches(flag, options, n=1)
         raise UserError(f"unknown flag {flag}" + (f" (did you mean {near[0]}?)" if near else ""))
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "sweep")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "sweep", "jobs")}
     return args, flags
 
 
@@ -81,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         args, flags = parse(sys.argv[1:] if argv is None else argv)
         if getattr(args, "sweep", None):
             from sweep import run_sweep
-            run_sweep(args.sweep, getattr(args, "config", None), flags)
+            run_sweep(args.sweep, getattr(args, "config", None), flags, getattr(args, "jobs", 1))
+        elif getattr(args, "jobs", None) is not None:
+            raise UserError("--jobs goes with --sweep")
         else:
             vqvae.train(vqvae.resolve_config(getattr(args, "config", None), flags))
     except UserError as err:

@@ -1,41 +1,33 @@
 """BA-VQ: VQ-VAEs on CIFAR-10 with interchangeable quantizers, for studying codebook utilization.
 
-One research module, read top to bottom. The method first:
-Config -> Data -> Encoder/Decoder -> Quantizers (the contract, VQ-EMA, Blahut-Arimoto, SimVQ, FSQ, Wasserstein VQ,
-CVQ) -> Model -> Metrics -> Rate-distortion -> Train/Validate; then the plumbing, one concern a section:
-Distributed, Fast kernels, Checkpoint I/O, Logging and W&B. `train.py` is a thin CLI over `train(cfg)`; `runs.py`
-loads finished runs for analyze.ipynb and the sweeps. Nothing runs at import time.
+One research module, read top to bottom: Config -> Data -> Encoder/Decoder -> Quantizers (the contract, VQ-EMA,
+Blahut-Arimoto) -> Model -> Metrics -> Train/Validate, then distributed setup and checkpoint I/O. Around it:
+`plumbing.py` (collectives, fast kernels, file writes, the metrics log), `baselines.py` (SimVQ, FSQ, Wasserstein VQ,
+CVQ, registered through the quantizer contract), `train.py` (a thin CLI over `train(cfg)`), `runs.py` (finished runs
+for analyze.ipynb and the sweeps). Nothing runs at import time.
 
 Papers:
 - VQ-VAE, EMA codebook: van den Oord et al. 2017, "Neural Discrete Representation Learning" (arXiv:1711.00937).
 - Blahut-Arimoto: Blahut 1972, "Computation of channel capacity and rate-distortion functions";
   Arimoto 1972. The BA quantizer runs its E-M iterations on a minibatch of encoder outputs.
 - Rotation trick: Fifty et al. 2024, "Restructuring Vector Quantization with the Rotation Trick" (ICLR 2025).
-- SimVQ: Zhu et al. 2024, "Addressing Representation Collapse in Vector Quantized Models with One Linear Layer".
-- FSQ: Mentzer et al. 2023, "Finite Scalar Quantization: VQ-VAE Made Simple" (arXiv:2309.15505).
-- Wasserstein VQ: Fang et al. 2025, "Enhancing Vector Quantization with Distributional Matching" (arXiv:2506.15078).
-- CVQ: Zheng & Vedaldi 2023, "Online Clustered Codebook" (ICCV 2023).
+- The baselines' papers and official code: baselines.py.
 
 Symbols: x image, e encoder output (N, D) after flattening, C codebook (K, D), p = p(k|e) soft assignment,
 Q the marginal over codes, z_q quantized latents, x_hat reconstruction, beta the inverse temperature.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
-import inspect
 import json
 import math
-import os
 import pickle
 import random
 import shutil
 import signal
-import tempfile
 import time
 import typing
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar, Literal, Optional
@@ -47,12 +39,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
+import plumbing
+from plumbing import (Logger, UserError, atomic_write, autocast_dtype, broadcast, chunk_rows, compile_model, ddp_device,
+                      ddp_wrap, dist_logsumexp, dist_rank_world, dist_sum_, gather_rows, log_total_rows, nearest_code,
+                      pick_device, random_rows, rank_local, row_argmax, row_topk, scatter_sum, set_deterministic,
+                      with_ones, world_size)
+
 REPO_DIR = Path(__file__).resolve().parent
 SAMPLE_PATH = REPO_DIR / "assets" / "cifar10_sample.npz"
-
-
-class UserError(Exception):
-    """A mistake in the user's input (config, flags, files): reported as one line, exit code 2."""
 
 
 # ################################################################################################################
@@ -132,7 +126,7 @@ class Config:
     lr: float = _f(3e-4, "AdamW learning rate")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _f("auto", "autocast dtype (auto: bf16 on CUDA, else fp32)")
-    compile: bool = _f(False, "wrap the model with torch.compile")
+    compile: bool = _f(False, "torch.compile the whole model, quantizer included")
     deterministic: bool = _f(False, "repeatable CUDA runs, bit for bit (deterministic algorithms, cuDNN without "
                                     "autotuning, a fixed cuBLAS workspace; slower); CPU fp32 runs are without it")
     # logging
@@ -142,9 +136,9 @@ class Config:
     wandb_project: str = _f("vq-codebook", "W&B project")
 
     def __post_init__(self):
-        self.validate()
+        self.check()
 
-    def validate(self):
+    def check(self):
         _check_types(self)
         if self.quantizer not in QUANTIZERS:
             near = difflib.get_close_matches(self.quantizer, QUANTIZERS, n=1)
@@ -269,7 +263,7 @@ RESUMABLE_CHANGES = {"epochs", "log_every", "checkpoint_every", "wandb", "wandb_
 # Data
 # ################################################################################################################
 
-def _read_cifar_pickles(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+def read_cifar_pickles(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     """Official cifar-10-batches-py layout, read directly (md5 is not checked, so copies and subsets work)."""
     def read(name):
         with open(folder / name, "rb") as fh:
@@ -290,7 +284,7 @@ def _read_cifar_pickles(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     return train, test
 
 
-def _find_batches_dir(data_dir: Path) -> Optional[Path]:
+def find_batches_dir(data_dir: Path) -> Optional[Path]:
     for candidate in (data_dir / "cifar-10-batches-py", data_dir):
         if (candidate / "test_batch").exists() or any(candidate.glob("data_batch_*")):
             return candidate
@@ -303,12 +297,12 @@ def load_cifar10(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
         with np.load(SAMPLE_PATH) as sample:
             return torch.from_numpy(sample["train"]), torch.from_numpy(sample["test"])
     data_dir = Path(cfg.data_dir)
-    folder = _find_batches_dir(data_dir)
+    folder = find_batches_dir(data_dir)
     if folder is None:
         if data_dir.is_dir() and any(data_dir.iterdir()) and not (data_dir / "cifar-10-python.tar.gz").exists():
             raise UserError(f"{data_dir} exists but holds no CIFAR-10 batches (expected cifar-10-batches-py)")
         folder = _download_cifar10(data_dir)
-    train, test = _read_cifar_pickles(folder)
+    train, test = read_cifar_pickles(folder)
     return torch.from_numpy(train), torch.from_numpy(test)
 
 
@@ -481,11 +475,14 @@ class Quantizer(nn.Module):
         self.hp, self.K, self.dim = params, params.codebook_size, dim
 
     def forward(self, z: torch.Tensor):
-        with _no_autocast(z.device.type):  # distances and statistics in float32, whatever the nets run in
+        # distances and statistics in float32, whatever the nets run in
+        with torch.autocast(z.device.type, enabled=False):
             e = self._flatten(z)  # (N, D)
             q = self.quantize(e)
             out = self.decoder_input(e, q.z_q)
-            metrics = {**self._batch_metrics(q.idx, z), **q.metrics}
+            stats = codebook_stats(code_counts(q.idx, self.K))  # the batch's perplexity and usage
+            metrics = {"code_indices": q.idx.reshape(z.shape[0], z.shape[2], z.shape[3]), "perplexity":
+                       stats["perplexity"], "usage_rate": stats["usage_rate"], **q.metrics}
         if "z_soft" in metrics:
             metrics["z_soft"] = self._unflatten(metrics["z_soft"], z)
         return self._unflatten(out, z).to(z.dtype), q.losses, metrics
@@ -529,14 +526,6 @@ class Quantizer(nn.Module):
         B, D, H, W = z.shape
         return v.reshape(B, H, W, D).permute(0, 3, 1, 2)
 
-    def _batch_metrics(self, idx: torch.Tensor, z: torch.Tensor) -> dict:
-        counts = torch.bincount(idx, minlength=self.K)
-        return {"code_indices": idx.reshape(z.shape[0], z.shape[2], z.shape[3]),
-                **{k: v for k, v in codebook_stats(counts).items() if k != "dead_codes"}}
-
-
-def _no_autocast(device_type: str):
-    return torch.autocast(device_type=device_type, enabled=False)
 
 
 def vq_losses(e: torch.Tensor, z_q: torch.Tensor, commitment_weight: float,
@@ -582,10 +571,14 @@ class CodebookQuantizer(Quantizer):
     """Shared machinery of quantizers with a (K, D) codebook: k-means init on the first training batch, EMA
     statistics, dead-code restarts.
 
-    Invariant kept by every update: codebook == ema_sum / smoothed(ema_count) for EMA-updated codebooks. The EMA
-    starts from one pseudo-count per code at the initial codebook, so it holds from the first step even without
-    k-means (an unused code then keeps its place instead of collapsing to the origin).
+    Names: ema_count is the EMA cluster size N_k of van den Oord et al. (soft for BA), ema_sum the EMA of the sums
+    of the vectors assigned to each code (EMA codebooks only); a code's hard count, the EMA of how many vectors
+    had it as their code per step, is the buffer HARD_COUNTS names (ema_count itself for VQ-EMA), by which a code
+    is judged dead. Invariant kept by every update: codebook == ema_sum / smoothed(ema_count) for EMA codebooks.
+    The EMA starts from one pseudo-count per code at the initial codebook, so it holds from the first step even
+    without k-means (an unused code then keeps its place instead of collapsing to the origin).
     """
+    HARD_COUNTS: ClassVar[str] = "ema_count"
 
     @dataclass
     class Params(Quantizer.Params):
@@ -599,15 +592,20 @@ class CodebookQuantizer(Quantizer):
     def __init__(self, params: "CodebookQuantizer.Params", dim: int, learnable: bool):
         super().__init__(params, dim)
         init = torch.empty(self.K, dim).uniform_(-1.0 / self.K, 1.0 / self.K)
+        self.ema_codebook = not learnable
         if learnable:
             self.codebook = nn.Parameter(init)
         else:
             self.register_buffer("codebook", init)
         self.register_buffer("ema_count", torch.ones(self.K))
-        self.register_buffer("ema_sum", torch.zeros_like(init))
-        self._resync_sums()
-        self.register_buffer("initialized", torch.tensor(not params.kmeans_init))
-        self._initialized = None  # host copy of the flag, so a training step needs no device sync to read it
+        if self.ema_codebook:
+            self.register_buffer("ema_sum", torch.zeros_like(init))
+            self._resync_sums()
+        else:  # older versions saved ema_sum for learned codebooks too, which never read it
+            self._register_load_state_dict_pre_hook(drop_state_keys("ema_sum"))
+        # the first training batch's initialisation (k-means, ...) is done; a host copy spares a step the sync
+        self.register_buffer("initialized", torch.tensor(False))
+        self._initialized = None
         self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_initialized", None))
 
     def codes(self, idx: torch.Tensor) -> torch.Tensor:
@@ -618,21 +616,30 @@ class CodebookQuantizer(Quantizer):
             self._initialized = bool(self.initialized)
         return self.training and not self._initialized
 
+    @torch.no_grad()
+    def first_step(self, e: torch.Tensor):
+        """What the first training batch initialises: the codes by k-means (kmeans_init)."""
+        if self.hp.kmeans_init:
+            self._kmeans_init(e)
+        self.initialized.fill_(True)
+        self._initialized = True
+
     def _smoothed(self, count: torch.Tensor) -> torch.Tensor:
         n = count.sum()
         return (count + self.hp.epsilon) / (n + self.K * self.hp.epsilon) * n
 
     @torch.no_grad()
     def _resync_sums(self):
-        self.ema_sum.copy_(self.codebook * self._smoothed(self.ema_count)[:, None])
+        if self.ema_codebook:
+            self.ema_sum.copy_(self.codebook * self._smoothed(self.ema_count)[:, None])
 
     @torch.no_grad()
-    def _ema_update(self, counts: torch.Tensor, sums: Optional[torch.Tensor], update_codebook: bool):
-        """EMA of cluster sizes and sums (summed over ranks first); codes <- sums / Laplace-smoothed sizes."""
-        d = self.hp.decay
-        self.ema_count.mul_(d).add_(dist_sum_(counts), alpha=1 - d)
-        if update_codebook:
-            self.ema_sum.mul_(d).add_(dist_sum_(sums), alpha=1 - d)
+    def _ema_update(self, counts: torch.Tensor, sums: Optional[torch.Tensor]):
+        """EMA of cluster sizes and (EMA codebooks) sums, summed over ranks first; codes <- sums / smoothed sizes."""
+        decay = self.hp.decay
+        self.ema_count.mul_(decay).add_(dist_sum_(counts), alpha=1 - decay)
+        if self.ema_codebook:
+            self.ema_sum.mul_(decay).add_(dist_sum_(sums), alpha=1 - decay)
             self.codebook.copy_(self.ema_sum / self._smoothed(self.ema_count)[:, None])
 
     @torch.no_grad()
@@ -641,31 +648,32 @@ class CodebookQuantizer(Quantizer):
         e = gather_rows(e)
         gen = torch.Generator().manual_seed(int(torch.randint(2 ** 31 - 1, (1,)).item()))
         C, counts = kmeans(e, self.K, self.hp.kmeans_iters, self.hp.chunk_size, gen)
-        C, counts = _broadcast(C), _broadcast(counts)
-        self.codebook.data.copy_(C)
-        self.ema_count.copy_(counts)  # counts of the gathered batch: the same scale as rank-summed EMA counts
+        self.codebook.data.copy_(broadcast(C))
+        self.ema_count.copy_(broadcast(counts))  # of the gathered batch: the scale of rank-summed EMA counts
         self._resync_sums()
-        self.initialized.fill_(True)
-        self._initialized = True
 
     @torch.no_grad()
     def _restart_dead(self, e: torch.Tensor) -> torch.Tensor:
-        """Re-seed codes whose EMA use count fell below the threshold from random encoder vectors."""
-        threshold = self.hp.dead_code_threshold
-        use = self._use_count()
-        dead = use < threshold
-        n_dead = dead.sum()
-        if n_dead.item() == 0:
-            return n_dead
-        self.codebook.data[dead] = _random_rows(e, int(n_dead))
-        self.ema_count[dead] = threshold  # at the threshold: alive until it decays unused
-        use[dead] = threshold
-        self._resync_sums()
-        return n_dead
+        """Re-seed codes whose hard count fell below dead_code_threshold from random encoder vectors of this batch,
+        their counts set to the threshold (alive until they decay unused). A random row is drawn for every code and
+        kept for the dead ones, so the step needs no host sync to count them. Returns how many restarted."""
+        threshold, hard = self.hp.dead_code_threshold, getattr(self, self.HARD_COUNTS)
+        dead = hard < threshold  # (K,)
+        self.codebook.data.copy_(torch.where(dead[:, None], random_rows(e, self.K), self.codebook))
+        self.ema_count.masked_fill_(dead, threshold)
+        hard.masked_fill_(dead, threshold)
+        if self.ema_codebook:  # every code's smoothed size moved with the total: all sums, when any code restarted
+            resynced = self.codebook * self._smoothed(self.ema_count)[:, None]
+            self.ema_sum.copy_(torch.where(dead.any(), resynced, self.ema_sum))
+        return dead.sum()
 
-    def _use_count(self) -> torch.Tensor:
-        """EMA of how many vectors a code was assigned per step, by which a code is judged dead (K,)."""
-        return self.ema_count
+
+def drop_state_keys(*names: str):
+    """A load_state_dict pre-hook dropping buffers older checkpoints hold and a module no longer has."""
+    def hook(state, prefix, *args):
+        for name in names:
+            state.pop(prefix + name, None)
+    return hook
 
 
 def kmeans(e: torch.Tensor, K: int, iters: int, chunk: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -673,12 +681,11 @@ def kmeans(e: torch.Tensor, K: int, iters: int, chunk: int, gen: torch.Generator
     C = _kmeanspp_seed(e, K, gen)
     for _ in range(iters):
         idx = nearest_code(e, C, chunk)
-        counts = torch.bincount(idx, minlength=K).to(e.dtype)
+        counts = code_counts(idx, K, e.dtype)
         sums = scatter_sum(idx, e, K)
         filled = counts > 0  # an empty cluster keeps its centre
         C = torch.where(filled[:, None], sums / counts.clamp_min(1)[:, None], C)
-    counts = torch.bincount(nearest_code(e, C, chunk), minlength=K).to(e.dtype)
-    return C, counts
+    return C, code_counts(nearest_code(e, C, chunk), K, e.dtype)
 
 
 KMEANSPP_MAX_K = 4096  # sequential seeding costs K passes over N; beyond this, seed from distinct random samples
@@ -724,36 +731,50 @@ class VQEMAQuantizer(CodebookQuantizer):
     def quantize(self, e: torch.Tensor) -> Quantized:
         hp = self.hp
         if self.needs_init():
-            self._kmeans_init(e.detach())
+            self.first_step(e.detach())
         with torch.no_grad():
             idx = nearest_code(e, self.codebook, hp.chunk_size)  # (N,)
             z_q = self.codebook[idx]  # (N, D), looked up before this step's EMA update
-        metrics = {}
-        if self.training:
-            self._update(e.detach(), idx)
-            if hp.dead_code_threshold > 0:
-                metrics["restarts"] = self._restart_dead(e.detach())
+            metrics = {}
+            if self.training:
+                self._ema_update(code_counts(idx, self.K, e.dtype), scatter_sum(idx, e, self.K))
+                if hp.dead_code_threshold > 0:
+                    metrics["restarts"] = self._restart_dead(e)
         return Quantized(z_q, idx, vq_losses(e, z_q, hp.commitment_weight), metrics)
-
-    @torch.no_grad()
-    def _update(self, e: torch.Tensor, idx: torch.Tensor):
-        counts = torch.bincount(idx, minlength=self.K).to(e.dtype)
-        sums = scatter_sum(idx, e, self.K)
-        self._ema_update(counts, sums, update_codebook=True)
 
 
 # -- Blahut-Arimoto ----------------------------------------------------------------------------------------------
+# One training step of `ba_vq`, in reading order: BAQuantizer.quantize (below the numerics) sets beta, calls
+# ba_assign (the E and M steps, chunked: _BAAssign, whose backward is _BAIteration's), then forms the losses and
+# updates the EMA codebook, dbar and the running marginal. `ba_assign_direct` is the same E-M pass written plainly.
 
-def ba_assign_direct(e, C, log_Q0, beta: float, iters: int):
-    """The same computation written plainly with an (N, K) distance matrix; autograd does the backward.
-    Reference for tests and for the benchmark. Returns (z_soft (N,D), log_Q (K,), idx (N,), p (N,K))."""
+class BAResult(typing.NamedTuple):
+    """What a BA E-M pass returns (ba_assign, ba_assign_topk and the plain ba_assign_direct alike)."""
+    z_soft: torch.Tensor  # (N, D) sum_k p(k|e_n) c_k; (0, D) when not asked for
+    log_Q: torch.Tensor  # (K,) log of the marginal after the last M-step
+    idx: torch.Tensor  # (N,) argmax_k p(k|e_n)
+    counts: torch.Tensor  # (K,) N Q, this rank's share of the soft counts (summed over ranks: N_global Q)
+    sums: Optional[torch.Tensor]  # (K, D) p^T e, for an EMA codebook (when asked for)
+    H_p: torch.Tensor  # () mean_n H(p(.|e_n)) in nats; carries gradient
+    max_p: torch.Tensor  # () mean_n max_k p(k|e_n)
+    p: Optional[torch.Tensor] = None  # (N, K), from ba_assign_direct only
+
+
+def ba_assign_direct(e, C, log_Q0, beta, iters: int, chunk=None, want_sums: bool = False, want_z: bool = True,
+                     cache_limit=None) -> BAResult:
+    """The E-M pass written plainly with an (N, K) distance matrix; autograd does the backward. The specification
+    of `ba_assign` (same arguments, chunk and cache_limit unused) and its reference in tests and bench.py:
+
+        p_t(k|e_n) = softmax_k(log Q_{t-1}(k) - beta ||e_n - c_k||^2),   log Q_t = log mean_n p_t(.|e_n),  t = 1..T
+    """
     d = (e * e).sum(1, keepdim=True) - 2 * e @ C.t() + (C * C).sum(1)  # (N, K)
     log_Q = log_Q0
     for _ in range(iters):
-        log_p = torch.log_softmax(log_Q - beta * d, dim=1)
-        log_Q = torch.logsumexp(log_p, dim=0) - math.log(len(e))
+        log_p = torch.log_softmax(log_Q - beta * d, dim=1)  # (N, K)
+        log_Q = torch.logsumexp(log_p, dim=0) - math.log(len(e))  # (K,)
     p = log_p.exp()
-    return p @ C, log_Q, log_p.argmax(1), p
+    return BAResult(p @ C if want_z else e.new_empty(0, C.shape[1]), log_Q, log_p.argmax(1), log_Q.exp() * len(e),
+                    p.t() @ e if want_sums else None, -(p * log_p).sum(1).mean(), p.amax(1).mean(), p)
 
 
 def entropy_from_log(log_Q: torch.Tensor) -> torch.Tensor:
@@ -761,25 +782,25 @@ def entropy_from_log(log_Q: torch.Tensor) -> torch.Tensor:
     return -(log_Q.exp() * log_Q).sum()
 
 
-def ba_assign(e, C, log_Q0, beta: float, iters: int, chunk: int, want_sums: bool = False,
-              cache_limit: int = 1 << 26, want_z: bool = True):
-    """Chunked BA soft assignment. Returns (z_soft (N, D), log_Q (K,), idx (N,), counts (K,), sums (K, D) or None,
-    H_p (), max_p ()): H_p = mean_n H(p(.|e_n)) in nats (differentiable), max_p = mean_n max_k p(k|e_n).
-    want_z=False skips the soft mixture (a (chunk, K) x (K, D) GEMM per chunk) and returns z_soft empty (0, D):
-    a decoder fed hard codes never reads it."""
-    return _BAAssign.apply(e, C, log_Q0, float(beta), int(iters), int(chunk), want_sums, cache_limit, want_z)
+def ba_assign(e, C, log_Q0, beta, iters: int, chunk: int, want_sums: bool = False, want_z: bool = True,
+              cache_limit: int = 1 << 26) -> BAResult:
+    """`ba_assign_direct`, chunked (at most (chunk, K) held at a time) with a hand-written backward. beta: a float or
+    a 0-d tensor (the training step's, so it never leaves the device). want_z=False skips the soft mixture (a
+    (chunk, K) x (K, D) GEMM per chunk) and returns z_soft empty (0, D): a decoder fed hard codes never reads it."""
+    beta = torch.as_tensor(beta, dtype=e.dtype, device=e.device)
+    return BAResult(*_BAAssign.apply(e, C, log_Q0, beta, int(iters), int(chunk), want_sums, cache_limit, want_z))
 
 
 class _BAAssign(torch.autograd.Function):
-    """`ba_assign_direct`, chunked so at most (chunk, K) is held at a time, with a hand-written backward.
+    """`ba_assign`'s forward and backward.
 
     Iteration t:  logits = log Q_{t-1} - beta ||e - c||^2,  p_t = softmax(logits),
-                  log Q_t = log sum_n p_t - log N  (the M-step, accumulated chunk by chunk in log space).
-    Outputs z = p_T C (N, D), log Q_T (K,), hard codes argmax p_T, (optionally) soft counts N Q_T and sums
-    p_T^T e for an EMA codebook, the mean row entropy H_p = mean_n H(p_T(.|e_n)) and the mean max_k p_T
-    (statistics, counts, sums and max p carry no gradient; H_p does). Backward recomputes each chunk (or reuses it when
-    all chunks fit `cache_limit` elements) and runs `_ba_backward_iteration` from the last iteration to the first,
-    so the gradient flows through every log Q_{t-1} as autograd's would through the direct formula.
+                  log Q_t = log sum_n p_t - log N  (the M-step: column sums accumulated chunk by chunk, in log space
+                  for columns whose sum underflows, `_log_colsum`).
+    Outputs as BAResult (statistics, counts, sums and max p carry no gradient; H_p does). Backward recomputes each
+    chunk (or reuses it when all chunks fit `cache_limit` elements) and runs `_BAIteration.backward` from the last
+    iteration to the first, so the gradient flows through every log Q_{t-1} as autograd's would through the direct
+    formula.
 
     Data-parallel ranks (torch.distributed): Q is the marginal over the rows of ALL ranks (N = the global count).
     Each rank's loss sees that one Q, and DDP averages parameter gradients over ranks, so backward returns
@@ -794,22 +815,19 @@ class _BAAssign(torch.autograd.Function):
         chunk = chunk_rows(chunk, K, e.device)
         c_sq = (C * C).sum(1)  # (K,)
         cache = any(ctx.needs_input_grad[:2]) and N * K * iters <= cache_limit
-        log_Qs, saved = [log_Q0], [[] for _ in range(iters)]
+        log_Qs, saved, lse_cs, unders = [log_Q0], [[] for _ in range(iters)], [], []
         z = e.new_empty(len(e) if want_z else 0, C.shape[1])  # (N, D)
         idx = torch.empty(N, dtype=torch.long, device=e.device)
         sums = torch.zeros_like(C) if want_sums else None  # (K, D)
-        world = _world()
-        # log of the number of rows on all ranks (a rank's slice of a ragged validation batch may be empty)
-        log_N = math.log(N) if world == 1 else dist_sum_(torch.tensor(float(N), device=e.device)).log()
-        e1 = _with_ones(e)  # (N, D+1)
+        log_N = log_total_rows(N, e.device)  # every rank's rows (a rank's slice of a ragged batch may be empty)
+        e1 = with_ones(e)  # (N, D+1)
         H_sum, max_p_sum = e.new_zeros(()), e.new_zeros(())
         # logits are shifted by their row max before anything reads them: they can sit at beta ||e||^2 / dbar ~ 1e3
         # from 0, where float32 keeps ~1e-4 of absolute precision, while p, log p and H(p) depend on differences
-        lse_cs = []  # per iteration, (N,) log sum_k exp(l_nk - max_k l_nk) = -log max_k p_nk
         for t in range(iters):
             last = t == iters - 1
             col = torch.zeros(K, dtype=e.dtype, device=e.device)  # sum_n p_nk over the chunks so far
-            lse_c, top_all = e.new_empty(N), e.new_empty(N)
+            lse_c, top_all = e.new_empty(N), e.new_empty(N)  # (N,) log sum_k exp(l_nk - max_k l_nk), max_k l_nk
             W = _ba_logit_weights(C, c_sq, log_Qs[-1], beta)  # (K, D+1)
             for s in range(0, N, chunk):
                 rows = slice(s, s + chunk)
@@ -830,12 +848,14 @@ class _BAAssign(torch.autograd.Function):
                         sums.addmm_(p.t(), e[rows])
                     H_sum += (lse_c[rows] - (p * logits).sum(1)).sum()  # H(p_n) = lse_n - sum_k p_nk l_nk
                     max_p_sum += max_p.sum()
+            log_colsum, under = _log_colsum(col, e1, W, top_all + lse_c, chunk)
+            log_Qs.append(dist_logsumexp(log_colsum) - log_N)
             lse_cs.append(lse_c)
-            log_Qs.append(_dist_logsumexp(_log_colsum(col, e1, W, top_all + lse_c, chunk)) - log_N)
-        ctx.save_for_backward(e, C, z, *log_Qs, *lse_cs)
+            unders.append(under)
+        ctx.save_for_backward(e, C, z, beta, *log_Qs, *lse_cs)
         ctx.saved_p = saved if cache else None
-        ctx.cfg = (beta, iters, chunk, world, log_N)
-        counts = log_Qs[-1].exp() * N  # this rank's share N Q of the soft counts: summed over ranks, N_global Q
+        ctx.cfg = (iters, chunk, log_N, unders)
+        counts = log_Qs[-1].exp() * N
         # H_p and max p are means over this rank's rows: DDP's mean over ranks makes them the global batch's
         H_p, max_p = H_sum / max(N, 1), max_p_sum / max(N, 1)
         ctx.mark_non_differentiable(*(t for t in (idx, counts, sums, max_p) if t is not None))
@@ -843,22 +863,21 @@ class _BAAssign(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_z, g_logQ, _g_idx, _g_counts, _g_sums, g_H, _g_max_p):
-        e, C, z, *logs = ctx.saved_tensors
-        beta, iters, chunk, world, log_N = ctx.cfg
+        e, C, z, beta, *logs = ctx.saved_tensors
+        iters, chunk, log_N, unders = ctx.cfg
         log_Qs, lse_cs = logs[:iters + 1], logs[iters + 1:]
         g_e = torch.zeros_like(e)
         g_C = torch.zeros_like(C) if ctx.needs_input_grad[1] else None
-        rank_sum = dist_sum_ if world > 1 else (lambda t: t)
         # every rank's loss depends on the one global log Q: summed, its adjoint counts each rank's loss once
-        g_lq = rank_sum(g_logQ.clone() if g_logQ is not None else torch.zeros_like(log_Qs[-1]))
+        g_lq = dist_sum_(g_logQ.clone() if g_logQ is not None else torch.zeros_like(log_Qs[-1]))
         for t in reversed(range(iters)):
-            it = _BAIteration(e, C, log_Qs[t], log_Qs[t + 1], lse_cs[t], log_N, beta, chunk,
+            it = _BAIteration(e, C, log_Qs[t], log_Qs[t + 1], lse_cs[t], log_N, beta, chunk, unders[t],
                               ctx.saved_p[t] if ctx.saved_p is not None else None)
             last = t == iters - 1  # z = p_T C and H_p carry gradient to the last iteration only
             g_lq = it.backward(g_z if last else None, z, g_lq, g_e, g_C, want_prev=t > 0,
                                g_H=g_H if last else None)  # None when H_p was not used
             if t > 0:  # log Q_{t-1} is global too: its adjoint sums the column sums of every rank's rows
-                g_lq = rank_sum(g_lq)
+                g_lq = dist_sum_(g_lq)
         return g_e, g_C, None, None, None, None, None, None, None
 
 
@@ -881,8 +900,9 @@ class _BAIteration:
         dL/dl_nk       += -(g_H / N) p_nk (log p_nk + H(p_n)) = -(g_H / N) p_nk (l_nk - sum_j p_nj l_nj)
     (lse_n cancels), so with h = g_H / N a chunk's whole adjoint is one expression over its (rows, K) block:
         dL/dl_nk        = p_nk (G_nk + w_k - h l_nk + s_n),     s_n = h sum_j p_nj l_nj - r_n.
-    When some Q_t,k underflows (w_k = inf), w_k is set to 0 and the terms p_nk w_k of those columns alone are formed
-    in log space, g_q,k exp(log p_nk - log Q_t,k - log N), and added (to r_n and to their columns of dL/dl).
+    For the columns whose Q_t,k underflowed in the forward (where w_k may overflow), w_k is set to 0 and their terms
+    p_nk w_k are formed in log space, g_q,k exp(log p_nk - log Q_t,k - log N), and added (to r_n and to their
+    columns of dL/dl). The forward found those columns, so the backward needs no host sync to look for them.
     """
     e: torch.Tensor  # (N, D)
     C: torch.Tensor  # (K, D)
@@ -890,60 +910,60 @@ class _BAIteration:
     log_Q: torch.Tensor  # (K,) log Q_t, its M-step's result
     lse_c: torch.Tensor  # (N,) each row's log sum_k exp(l_nk - max_k l_nk), from the forward
     log_N: float | torch.Tensor
-    beta: float
+    beta: torch.Tensor  # () in squared latent units
     chunk: int
+    under: Optional[torch.Tensor]  # (n_under,) the columns whose Q_t underflowed in the forward, or None
     saved_p: Optional[list[torch.Tensor]]  # this iteration's p, chunk by chunk, when forward kept them
 
     def backward(self, g_z, z, g_q, g_e, g_C, want_prev: bool, g_H=None) -> torch.Tensor:
         """Adds this iteration's share to g_e (N, D) and g_C (K, D) in place; returns dL/dlog Q_{t-1} (K,)."""
-        e, C, beta = self.e, self.C, self.beta
-        W = _ba_logit_weights(C, (C * C).sum(1), self.log_Q_prev, beta)  # (K, D+1)
-        e1 = _with_ones(e)  # (N, D+1)
+        e, C, under = self.e, self.C, self.under
+        W = _ba_logit_weights(C, (C * C).sum(1), self.log_Q_prev, self.beta)  # (K, D+1)
+        e1 = with_ones(e)  # (N, D+1)
         w = g_q * torch.exp(-self.log_Q - self.log_N)  # (K,)
-        overflow = ~torch.isfinite(w)  # Q_t,k below ~1e-38: these columns' p w terms go through log space
-        tiny = overflow.nonzero().squeeze(1) if bool(overflow.any()) else None
-        if tiny is not None:
-            w = w.masked_fill(overflow, 0.0)
+        if under is not None:
+            w = w.index_fill(0, under, 0.0)
         h = g_H / len(e) if g_H is not None else None
         # [g_z, s, 1] @ [C, 1, w]^T = G + s + w: one GEMM forms the row and column terms beside G
-        B = torch.cat([C, torch.ones_like(w)[:, None], w[:, None]], 1) if g_z is not None else None
+        right = torch.cat([C, torch.ones_like(w)[:, None], w[:, None]], 1) if g_z is not None else None
+        C2, e2 = (2 * self.beta) * C, (2 * self.beta) * e  # dL/de = 2 beta dL/dl C, and so on
         g_q_prev = torch.zeros_like(g_q)
         for j, s in enumerate(range(0, len(e), self.chunk)):
             rows = slice(s, s + self.chunk)
             logits = None  # (chunk, K) l - max l, as in the forward
-            if self.saved_p is None or h is not None or tiny is not None:
+            if self.saved_p is None or h is not None or under is not None:
                 logits = e1[rows] @ W.t()
                 logits.sub_(logits.amax(1, keepdim=True))
             p = self.saved_p[j] if self.saved_p is not None else torch.softmax(logits, dim=1)  # (chunk, K)
             r = p @ w  # (chunk,)
             if g_z is not None:
                 r += (g_z[rows] * z[rows]).sum(1)
-            if tiny is not None:
+            if under is not None:
                 # log p - log Q - log N <= 0 (p_nk <= N Q_k); below -87 exp leaves its fast path for a result
                 # under 1e-38, so the clamp changes nothing that float32 holds
-                arg = logits.index_select(1, tiny) - self.lse_c[rows, None] - (self.log_Q[tiny] + self.log_N)
-                a = g_q[tiny] * arg.clamp_(min=-87.0).exp_()  # (chunk, n_tiny) p_nk w_k
+                arg = logits.index_select(1, under) - self.lse_c[rows, None] - (self.log_Q[under] + self.log_N)
+                a = g_q[under] * arg.clamp_(min=-87.0).exp_()  # (chunk, n_under) p_nk w_k
                 r += a.sum(1)
             s_row = -r if h is None else (p * logits).sum(1).mul_(h).sub_(r)  # (chunk,)
             if g_z is not None:
-                A = torch.cat([g_z[rows], s_row[:, None], torch.ones_like(s_row)[:, None]], 1)
-                g_l = A @ B.t()  # (chunk, K) G + w + s
+                left = torch.cat([g_z[rows], s_row[:, None], torch.ones_like(s_row)[:, None]], 1)
+                g_l = left @ right.t()  # (chunk, K) G + w + s
             else:
                 g_l = w + s_row[:, None]
             if h is not None:
-                g_l.add_(logits, alpha=-h)
+                g_l.addcmul_(logits, h, value=-1)
             g_l.mul_(p)  # dL/dl
-            if tiny is not None:
-                g_l.index_add_(1, tiny, a)
-            g_e[rows].addmm_(g_l, C, alpha=2.0 * beta)
+            if under is not None:
+                g_l.index_add_(1, under, a)
+            g_e[rows].addmm_(g_l, C2)
             col = g_l.sum(0) if want_prev or g_C is not None else None  # (K,) sum_n dL/dl_nk
             if want_prev:
                 g_q_prev += col
             if g_C is not None:
                 if g_z is not None:
                     g_C.addmm_(p.t(), g_z[rows])
-                g_C.addmm_(g_l.t(), e[rows], alpha=2.0 * beta)
-                g_C.sub_((2.0 * beta) * col[:, None] * C)
+                g_C.addmm_(g_l.t(), e2[rows])
+                g_C.sub_(col[:, None] * C2)
         return g_q_prev
 
 
@@ -954,13 +974,38 @@ def _ba_logit_weights(C, c_sq, log_Q, beta):
     return torch.cat([(2.0 * beta) * C, (log_Q - beta * c_sq)[:, None]], 1)
 
 
-def ba_assign_topk(e, C, log_Q0, beta: float, k: int, chunk: int, want_sums: bool = False, want_z: bool = True):
+def _log_colsum(col, e1, W, lse_row, chunk) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(log sum_n p_nk (K,), the underflowing columns or None): from the linear column sums `col` (K,), and in log
+    space (logsumexp) for the columns whose sum underflows, so log Q stays finite even at beta = 1e4. A column counts
+    as underflowing when all its terms may be subnormal (sum < N x smallest normal), where float32 keeps too few
+    digits (a sum stored as 2.8e-45 was 13% off); above that the subnormal terms' rounding is below 1e-7 of the sum.
+    Those columns' logits are formed again (a GEMM of N x (their number)), log p = logits - lse_row. Whether there
+    are any is the one host read of an exact BA step (their number sets the shapes that follow)."""
+    out = col.log()
+    under = col < torch.finfo(col.dtype).tiny * len(e1)
+    if not bool(under.any()):
+        return out, None
+    cols = under.nonzero().squeeze(1)
+    Wu = W.index_select(0, cols)  # (n_under, D+1)
+    lse = torch.full((len(cols),), -math.inf, dtype=col.dtype, device=col.device)
+    for s in range(0, len(e1), chunk):
+        log_p = (e1[s:s + chunk] @ Wu.t()).sub_(lse_row[s:s + chunk, None])  # (chunk, n_under)
+        m = log_p.amax(0)
+        # a column's logsumexp. Terms more than 87 below the column max add < 1e-38 to a sum >= 1, so clamping
+        # them there changes nothing and keeps exp off its slow underflow path (about 10x slower on CPU)
+        lse = torch.logaddexp(lse, log_p.sub_(m).clamp_(min=-87.0).exp_().sum(0).log_().add_(m))
+    out[cols] = lse
+    return out, cols
+
+
+def ba_assign_topk(e, C, log_Q0, beta, k: int, chunk: int, want_sums: bool = False, want_z: bool = True) -> BAResult:
     """`ba_assign` (one E-M iteration) with each row's p(.|e_n) truncated to its k largest logits T_n and
     renormalised there: p~_nk = exp(l_nk) / sum_{j in T_n} exp(l_nj). Everything after the (chunk, K) logits and
-    their top-k is (N, k): Q, H_p, the EMA sums and the whole backward. Same outputs as `ba_assign`. A code in no
-    row's top k gets Q = 0, held as log Q = LOG_Q_FLOOR so H(Q) stays finite. How much mass the truncation drops
-    is `topk_dropped_mass`'s to measure."""
-    return _BATopK.apply(e, C, log_Q0, float(beta), int(k), int(chunk), want_sums, want_z)
+    their top-k is (N, k): Q, H_p, the EMA sums and the whole backward. A code in no row's top k gets Q = 0, held as
+    log Q = LOG_Q_FLOOR so H(Q) stays finite. How much mass the truncation drops is `topk_dropped_mass`'s to
+    measure."""
+    beta = torch.as_tensor(beta, dtype=e.dtype, device=e.device)
+    return BAResult(*_BATopK.apply(e, C, log_Q0, beta, int(k), int(chunk), want_sums, want_z))
 
 
 LOG_Q_FLOOR = -1e4  # log Q of a code no row kept: exp() is 0 and Q log Q is 0, both finite
@@ -978,7 +1023,7 @@ class _BATopK(torch.autograd.Function):
         N, K, D = len(e), len(C), C.shape[1]
         chunk = chunk_rows(chunk, K, e.device)
         W = _ba_logit_weights(C, (C * C).sum(1), log_Q0, beta)  # (K, D+1)
-        e1 = _with_ones(e)
+        e1 = with_ones(e)
         logits, ids = e.new_empty(N, k), torch.empty(N, k, dtype=torch.long, device=e.device)
         for s in range(0, N, chunk):  # the only (rows, K) work: one GEMM and a top-k per chunk
             logits[s:s + chunk], ids[s:s + chunk] = row_topk(e1[s:s + chunk] @ W.t(), k)
@@ -987,9 +1032,7 @@ class _BATopK(torch.autograd.Function):
         p = (logits - lse).exp()  # (N, k), rows sum to 1
         flat = ids.reshape(-1)
         col = dist_sum_(torch.zeros(K, dtype=e.dtype, device=e.device).index_add_(0, flat, p.reshape(-1)))
-        world = _world()
-        log_N = math.log(N) if world == 1 else dist_sum_(torch.tensor(float(N), device=e.device)).log()
-        log_Q = col.log().clamp_(min=LOG_Q_FLOOR) - log_N
+        log_Q = col.log().clamp_(min=LOG_Q_FLOOR) - log_total_rows(N, e.device)
         z = e.new_empty(N if want_z else 0, D)
         sums = torch.zeros_like(C) if want_sums else None
         for rows, Ck in _kept_code_blocks(C, ids, e.device):  # (rows, k, D) blocks of each row's kept codes
@@ -999,16 +1042,14 @@ class _BATopK(torch.autograd.Function):
                 sums.index_add_(0, ids[rows].reshape(-1), (p[rows].unsqueeze(2) * e[rows].unsqueeze(1)).reshape(-1, D))
         H_p = (lse.squeeze(1) - (p * logits).sum(1)).mean() if N else e.new_zeros(())
         max_p = p[:, 0].mean() if N else e.new_zeros(())
-        ctx.save_for_backward(e, C, z, logits, ids, p, col)
-        ctx.cfg = (beta, world)
+        ctx.save_for_backward(e, C, z, logits, ids, p, col, beta)
         counts = log_Q.exp() * N  # this rank's share N Q of the soft counts, as in _BAAssign
         ctx.mark_non_differentiable(*(t for t in (ids, counts, sums, max_p) if t is not None))
         return z, log_Q, ids[:, 0].contiguous(), counts, sums, H_p, max_p
 
     @staticmethod
     def backward(ctx, g_z, g_logQ, _g_idx, _g_counts, _g_sums, g_H, _g_max_p):
-        e, C, z, logits, ids, p, col = ctx.saved_tensors
-        beta, world = ctx.cfg
+        e, C, z, logits, ids, p, col, beta = ctx.saved_tensors
         N, D = len(e), C.shape[1]
         g_q = dist_sum_(g_logQ.clone()) if g_logQ is not None else torch.zeros_like(col)
         h = g_H / N if g_H is not None else None
@@ -1037,18 +1078,18 @@ class _BATopK(torch.autograd.Function):
 def _kept_code_blocks(C, ids, device):
     """(row slice, C[ids[rows]] (rows, k, D)) over blocks of rows, each gather a few MiB that stay in cache."""
     N, k = ids.shape
-    step = max(1, CPU_CHUNK_ELEMENTS // (k * C.shape[1])) if device.type == "cpu" else N
+    step = max(1, plumbing.CPU_CHUNK_ELEMENTS // (k * C.shape[1])) if device.type == "cpu" else N
     for s in range(0, N, step):
         rows = slice(s, s + step)
         yield rows, C.index_select(0, ids[rows].reshape(-1)).view(-1, k, C.shape[1])
 
 
 @torch.no_grad()
-def topk_dropped_mass(e, C, log_Q0, beta: float, k: int, chunk: int) -> torch.Tensor:
+def topk_dropped_mass(e, C, log_Q0, beta, k: int, chunk: int) -> torch.Tensor:
     """Mean over rows of the exact probability mass outside each row's k most likely codes (one E-step's p)."""
     K = len(C)
     W = _ba_logit_weights(C, (C * C).sum(1), log_Q0, beta)
-    e1 = _with_ones(e)
+    e1 = with_ones(e)
     total, chunk = e.new_zeros(()), chunk_rows(chunk, K, e.device)
     for s in range(0, len(e), chunk):
         p = torch.softmax(e1[s:s + chunk] @ W.t(), 1)  # (chunk, K)
@@ -1087,9 +1128,13 @@ class BAQuantizer(CodebookQuantizer):
                  would score codes training did not pick; otherwise 'running'. 'batch' (seeds) =
                  argmax of p under the evaluated batch's own Q, so a code depends on the images around it.
     Losses: commitment_weight ||e - sg(z_q)||^2 + codebook_weight ||z_q - sg(e)||^2 + entropy_weight * usage term.
-    beta follows a cosine schedule from beta_start to beta_end over the run (`schedule`).
+    beta follows a cosine schedule from beta_start to beta_end over the run (`schedule`); it stays on the device,
+    as does dbar, so a step reads nothing back from it but whether some Q underflowed (`_log_colsum`).
     The seeds' method is registered as `ba_seed` (soft, entropy, absolute, batch), whatever these options say.
     """
+    HARD_COUNTS: ClassVar[str] = "use_count"
+    TOPK_PROBE_STRIDE = 8  # training measures the top-k dropped mass on every 8th latent: 1/8 of a GEMM
+    assign = staticmethod(ba_assign)  # the E-M pass; bench.py swaps in ba_assign_direct on an instance
 
     @dataclass
     class Params(CodebookQuantizer.Params):
@@ -1113,13 +1158,16 @@ class BAQuantizer(CodebookQuantizer):
         super().__init__(params, dim, learnable=params.codebook_update == "grad")
         self.register_buffer("beta", torch.tensor(params.beta_start))
         self.register_buffer("log_Q_running", torch.full((self.K,), -math.log(self.K)))
-        self.register_buffer("d_mean", torch.zeros(()))  # running mean ||e - c_code||^2 (relative beta); 0: unset
+        self.register_buffer("d_mean", torch.zeros(()))  # dbar, running mean ||e - c_code||^2 (relative beta)
         # EMA of HARD code counts: the soft counts in ema_count keep a code that is never anyone's code alive on
         # the mass it gets as a runner-up (all codes, while beta is small), so restarts judge by these instead
         self.register_buffer("use_count", torch.ones(self.K))
-        self._beta = None  # host copy of the beta buffer, so a step needs no device sync to read it
-        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_beta", None))
         self._register_load_state_dict_pre_hook(self._fill_use_count)
+        hp = params
+        # eval_codes 'auto' resolved: the nearest code when training's prior is uniform, else MAP under Q_run
+        self.eval_rule = (hp.eval_codes if hp.eval_codes != "auto" else
+                          "nearest" if hp.marginal == "batch" and hp.ba_iters == 1 else "running")
+        self._topk_pending, self._topk_truncate = None, None  # the top-k decision's measurement in flight (CUDA)
 
     @staticmethod
     def _fill_use_count(state, prefix, *args):
@@ -1128,76 +1176,69 @@ class BAQuantizer(CodebookQuantizer):
             state[prefix + "use_count"] = state[prefix + "ema_count"].clone()
 
     def schedule(self, progress: float):
-        """Cosine schedule from beta_start (progress 0) to beta_end (progress 1)."""
+        """Cosine schedule from beta_start (progress 0) to beta_end (progress 1); a device fill, no host sync."""
         hp = self.hp
-        self.set_beta(hp.beta_start + (hp.beta_end - hp.beta_start) * (1 - math.cos(math.pi * progress)) / 2)
-
-    def report(self) -> dict[str, float]:
-        return {"beta": self.current_beta()}
+        self.beta.fill_(hp.beta_start + (hp.beta_end - hp.beta_start) * (1 - math.cos(math.pi * progress)) / 2)
 
     def set_beta(self, beta: float):
         self.beta.fill_(beta)
-        self._beta = float(beta)
 
-    def current_beta(self) -> float:
-        if self._beta is None:
-            self._beta = self.beta.item()
-        return self._beta
+    def report(self) -> dict[str, float]:
+        return {"beta": float(self.beta)}
 
-    def beta_per_sq_unit(self, e: torch.Tensor) -> float:
-        """beta in units of squared latent distance: beta itself (absolute), or beta / dbar (relative)."""
-        if self.hp.beta_units == "absolute":
-            return self.current_beta()
-        if self.training and not self.d_mean > 0:  # first step: dbar from this batch's nearest codes
-            codes, rows = self.codebook.detach(), e
-            if self.K >= len(e) * _world() and len(e) >= 2:
+    @torch.no_grad()
+    def first_step(self, e: torch.Tensor):
+        """k-means (as every codebook), the hard counts from its cluster sizes, and dbar's first value."""
+        super().first_step(e)
+        if self.hp.kmeans_init:
+            self.use_count.copy_(self.ema_count)  # k-means cluster sizes are hard counts
+        if self.hp.beta_units == "relative":  # dbar from this batch's nearest codes
+            codes, rows = self.codebook, e
+            if self.K >= len(e) * world_size() and len(e) >= 2:
                 # k-means put a code on (next to) every latent of this batch, so its distances are ~0 and beta / dbar
                 # would overflow the gradients; half the batch's latents stand in as codes for the other half
                 codes, rows = e[1::2], e[::2]
             idx = nearest_code(rows, codes, self.hp.chunk_size)
-            self.d_mean.copy_(dist_sum_((rows - codes[idx]).square().sum(1).mean()) / _world())
-        return self.current_beta() / max(self.d_mean.item(), 1e-30)
+            self.d_mean.copy_(dist_sum_((rows - codes[idx]).square().sum(1).mean()) / world_size())
 
     def quantize(self, e: torch.Tensor) -> Quantized:
         hp = self.hp
         if self.needs_init():
-            self._kmeans_init(e.detach())
-        beta = self.beta_per_sq_unit(e.detach())
+            self.first_step(e.detach())
+        # beta in units of squared latent distance, on the device: beta (absolute), or beta / dbar (relative)
+        beta = self.beta if hp.beta_units == "absolute" else self.beta / self.d_mean.clamp_min(1e-30)
         # a copy: the running marginal is updated in place after this forward, backward needs what it saw
         log_Q0 = (self.log_Q_running.clone() if hp.marginal == "running"
                   else torch.full_like(self.log_Q_running, -math.log(self.K)))
-        ema = self.training and hp.codebook_update == "ema"
+        ema = self.training and self.ema_codebook
         # an EMA codebook is updated in place after this forward; backward needs the values it saw
         C = self.codebook.clone() if ema else self.codebook
         hard = hp.ba_forward == "hard" or not self.training  # evaluation reports the discrete model
         # z_soft: what a soft decoder sees in training, and validation's soft-PSNR diagnostic
-        z_soft, log_Q, idx, counts, sums, H_p, max_p, topk = self._assign(e, C, log_Q0, beta, ema, hard)
-        if not self.training:
-            idx = self._eval_codes(e.detach(), idx, beta)
-        z_q = self.codebook[idx] if hard else z_soft  # (N, D)
-        H_Q = entropy_from_log(log_Q)
+        ba, topk_metrics = self._assign(e, C, log_Q0, beta, ema, hard)
+        idx = ba.idx if self.training else self._eval_codes(e.detach(), ba.idx, beta)
+        z_q = self.codebook[idx] if hard else ba.z_soft  # (N, D)
+        H_Q = entropy_from_log(ba.log_Q)
         losses = vq_losses(e, z_q, hp.commitment_weight, hp.codebook_weight)
         if hp.usage_term == "entropy":
             losses["entropy_loss"] = -hp.entropy_weight * H_Q
         else:
-            losses["mutual_info_loss"] = -hp.entropy_weight * (H_Q - H_p)
-        metrics = {"beta": self.beta.clone(), "max_p": max_p, "H_p": H_p.detach(), "H_Q": H_Q.detach(),
-                   "mutual_info": (H_Q - H_p).detach(), **topk}
+            losses["mutual_info_loss"] = -hp.entropy_weight * (H_Q - ba.H_p)
+        metrics = {"beta": self.beta.clone(), "max_p": ba.max_p, "H_p": ba.H_p.detach(), "H_Q": H_Q.detach(),
+                   "mutual_info": (H_Q - ba.H_p).detach(), **topk_metrics}
         if not self.training:  # the decoder on z_soft: soft PSNR, a diagnostic (the headline is hard codes)
-            metrics["z_soft"] = z_soft
+            metrics["z_soft"] = ba.z_soft
         if self.training:
-            self._update(counts, sums, log_Q.detach(), ema, e.detach(), idx)
+            self._update(ba, e.detach())
             if hp.dead_code_threshold > 0:
                 metrics["restarts"] = self._restart_dead(e.detach())
         return Quantized(z_q, idx, losses, metrics)
 
-    TOPK_PROBE_STRIDE = 8  # training measures the top-k dropped mass on every 8th latent: 1/8 of a GEMM
-
-    def _assign(self, e, C, log_Q0, beta: float, ema: bool, hard: bool):
-        """ba_assign's outputs plus the top-k metrics. With ba_topk, training first measures the mass the
-        truncation would drop, exactly, on every TOPK_PROBE_STRIDE-th latent (`topk_dropped`); the step then runs
-        truncated when that is within ba_topk_max_drop, else exact (`topk_exact` = 1). Evaluation always runs
-        exact and measures the dropped mass on every latent."""
+    def _assign(self, e, C, log_Q0, beta, ema: bool, hard: bool) -> tuple[BAResult, dict]:
+        """The E-M pass and the top-k metrics. With ba_topk, training first measures the mass the truncation would
+        drop, exactly, on every TOPK_PROBE_STRIDE-th latent (`topk_dropped`); the step then runs truncated when
+        that is within ba_topk_max_drop, else exact (`topk_exact` = 1). Evaluation always runs exact and measures
+        the dropped mass on every latent."""
         hp = self.hp
         want_z = not hard or not self.training
         metrics = {}
@@ -1208,51 +1249,54 @@ class BAQuantizer(CodebookQuantizer):
             n = dist_sum_(torch.tensor(float(len(rows)), device=e.device))
             metrics["topk_dropped"] = dist_sum_(dropped) / n.clamp_min(1)
             if self.training:
-                truncate = metrics["topk_dropped"].item() <= hp.ba_topk_max_drop
+                truncate = self._may_truncate(metrics["topk_dropped"])
                 metrics["topk_exact"] = torch.tensor(0.0 if truncate else 1.0, device=e.device)
                 if truncate:
-                    out = ba_assign_topk(e, C, log_Q0, beta, hp.ba_topk, hp.chunk_size, want_sums=ema, want_z=want_z)
-                    return (*out, metrics)
-        out = ba_assign(e, C, log_Q0, beta, hp.ba_iters, hp.chunk_size, want_sums=ema, want_z=want_z)
-        return (*out, metrics)
+                    return ba_assign_topk(e, C, log_Q0, beta, hp.ba_topk, hp.chunk_size, want_sums=ema,
+                                          want_z=want_z), metrics
+        return self.assign(e, C, log_Q0, beta, hp.ba_iters, hp.chunk_size, want_sums=ema, want_z=want_z), metrics
 
-    def _use_count(self) -> torch.Tensor:
-        return self.use_count
+    def _may_truncate(self, dropped: torch.Tensor) -> bool:
+        """Whether this step may run truncated: its dropped mass within ba_topk_max_drop. On a single GPU the
+        latest measurement that has reached the host decides (copied without waiting; the first step waits for its
+        own), so the step needs no host sync; elsewhere (the CPU; several ranks, which must agree) this step's."""
+        limit = self.hp.ba_topk_max_drop
+        if dropped.device.type != "cuda" or world_size() > 1:
+            return float(dropped) <= limit
+        if self._topk_pending is not None and self._topk_pending[1].query():
+            self._topk_truncate, self._topk_pending = float(self._topk_pending[0]) <= limit, None
+        if self._topk_pending is None:
+            host = torch.empty((), dtype=dropped.dtype, pin_memory=True).copy_(dropped, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._topk_pending = (host, event)
+            if self._topk_truncate is None:  # the first step
+                event.synchronize()
+                self._topk_truncate, self._topk_pending = float(host) <= limit, None
+        return self._topk_truncate
 
     @torch.no_grad()
-    def _kmeans_init(self, e: torch.Tensor):
-        super()._kmeans_init(e)
-        self.use_count.copy_(self.ema_count)  # k-means cluster sizes are hard counts
-
-    def eval_rule(self) -> str:
-        """eval_codes with 'auto' resolved: 'nearest' when training's prior is uniform, else 'running'."""
-        hp = self.hp
-        if hp.eval_codes != "auto":
-            return hp.eval_codes
-        return "nearest" if hp.marginal == "batch" and hp.ba_iters == 1 else "running"
-
-    @torch.no_grad()
-    def _eval_codes(self, e: torch.Tensor, batch_map: torch.Tensor, beta: float) -> torch.Tensor:
-        rule = self.eval_rule()
-        if rule == "batch":
+    def _eval_codes(self, e: torch.Tensor, batch_map: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        if self.eval_rule == "batch":
             return batch_map
-        if rule == "nearest":
+        if self.eval_rule == "nearest":
             return nearest_code(e, self.codebook, self.hp.chunk_size)
         # argmax_k log Q_run,k - beta ||e - c_k||^2 = argmax_k 2 e.c_k - ||c_k||^2 + log Q_run,k / beta
         return nearest_code(e, self.codebook, self.hp.chunk_size, bias=self.log_Q_running / beta)
 
     @torch.no_grad()
-    def _update(self, counts, sums, log_Q, ema: bool, e, idx):
-        hp = self.hp
-        d = hp.decay
-        # dbar and Q_run from the codebook this forward used (before the EMA step moves it)
+    def _update(self, ba: BAResult, e: torch.Tensor):
+        """dbar and Q_run from the codebook this forward used (before the EMA step moves it), the EMA statistics
+        from the soft counts and sums, and the hard counts."""
+        hp, decay = self.hp, self.hp.decay
         if hp.beta_units == "relative":
-            d_batch = dist_sum_((e - self.codebook[idx]).square().sum(1).mean()) / _world()
-            self.d_mean.mul_(d).add_(d_batch, alpha=1 - d)
-        self._ema_update(counts, sums, update_codebook=ema)
-        self.use_count.mul_(d).add_(dist_sum_(torch.bincount(idx, minlength=self.K).to(e.dtype)), alpha=1 - d)
-        if hp.marginal == "running" or self.eval_rule() == "running":  # Q_run <- d Q_run + (1 - d) Q_batch, logs
-            self.log_Q_running.copy_(torch.logaddexp(self.log_Q_running + math.log(d), log_Q + math.log(1 - d)))
+            d_batch = dist_sum_((e - self.codebook[ba.idx]).square().sum(1).mean()) / world_size()
+            self.d_mean.mul_(decay).add_(d_batch, alpha=1 - decay)
+        self._ema_update(ba.counts, ba.sums)
+        self.use_count.mul_(decay).add_(dist_sum_(code_counts(ba.idx, self.K, e.dtype)), alpha=1 - decay)
+        if hp.marginal == "running" or self.eval_rule == "running":  # Q_run <- d Q_run + (1 - d) Q_batch, in logs
+            self.log_Q_running.copy_(torch.logaddexp(self.log_Q_running + math.log(decay),
+                                                     ba.log_Q.detach() + math.log(1 - decay)))
 
 
 @register_quantizer("ba_seed")
@@ -1275,15 +1319,15 @@ class BASeedQuantizer(BAQuantizer):
 class VQVAE(nn.Module):
     """Encoder -> quantizer -> decoder. forward(x) -> (x_hat, recon_loss, quant_loss_dict, metrics).
 
-    Build from a Config, or seed-style: VQVAE(quantizer_type='ba_vq', codebook_size=512, arch='compact').
+    Build from a Config, or with Config fields as keywords: VQVAE(quantizer='ba_vq', codebook_size=512).
     """
 
     def __init__(self, cfg: Optional[Config] = None, **overrides):
         super().__init__()
-        if "quantizer_type" in overrides:
-            overrides["quantizer"] = overrides.pop("quantizer_type")
-        cfg = make_config({**config_to_dict(cfg or Config()), **overrides})
-        self.cfg, self.quantizer_type = cfg, cfg.quantizer
+        cfg = cfg or Config()
+        if overrides:  # checked once, as a Config
+            cfg = make_config({**config_to_dict(cfg), **overrides})
+        self.cfg = cfg
         self.encoder = make_encoder(cfg.arch, cfg.code_dim)
         self.quantizer = make_quantizer(cfg, cfg.code_dim)
         self.decoder = make_decoder(cfg.arch, cfg.code_dim)
@@ -1366,92 +1410,16 @@ def codebook_stats(counts: torch.Tensor) -> dict:
     return {"perplexity": entropy.exp(), "usage_rate": used / len(counts), "dead_codes": len(counts) - used}
 
 
-def code_histogram(indices: torch.Tensor, K: int) -> torch.Tensor:
-    return torch.bincount(indices.reshape(-1), minlength=K)
-
-
-# ################################################################################################################
-# Rate-distortion
-# ################################################################################################################
-
-def blahut_arimoto_rd(x: torch.Tensor, y: torch.Tensor, beta: float, distortion=None, iters: int = 10_000,
-                      tol: float = 1e-12, weights: Optional[torch.Tensor] = None) -> tuple[float, float]:
-    """Rate-distortion point of the source samples x against reproductions y at slope -beta, by Blahut-Arimoto
-    run to convergence (float64). Returns (rate in bits, expected distortion).
-
-    distortion(x, y) -> (N, M) matrix; default squared Euclidean. weights: source probabilities (default uniform).
-    """
-    x, y = x.double(), y.double()
-    d = distortion(x, y).double() if distortion else torch.cdist(x.reshape(len(x), -1), y.reshape(len(y), -1)) ** 2
-    w = (weights.double() / weights.sum()) if weights is not None else torch.full((len(x),), 1.0 / len(x),
-                                                                                      dtype=torch.float64)
-    log_Q = torch.full((len(y),), -math.log(len(y)), dtype=torch.float64)
-    for _ in range(iters):
-        log_p = torch.log_softmax(log_Q - beta * d, dim=1)  # (N, M) p(y|x)
-        new = torch.logsumexp(log_p + w.log()[:, None], dim=0)
-        done = (new.exp() - log_Q.exp()).abs().max() < tol
-        log_Q = new
-        if done:
-            break
-    log_p = torch.log_softmax(log_Q - beta * d, dim=1)
-    p = log_p.exp()
-    rate = (w[:, None] * p * (log_p - log_Q)).nansum().item() / math.log(2)
-    return rate, (w[:, None] * p * d).sum().item()
+def code_counts(indices: torch.Tensor, K: int, dtype=torch.float32) -> torch.Tensor:
+    """How many of the indices (any shape) are each code, (K,). A scatter-add of ones, not torch.bincount, which on
+    CUDA reads the largest index back to the host; sums of ones are exact in any order."""
+    flat = indices.reshape(-1)
+    return torch.zeros(K, dtype=dtype, device=flat.device).index_add_(0, flat, torch.ones_like(flat, dtype=dtype))
 
 
 # ################################################################################################################
 # Train / Validate
 # ################################################################################################################
-
-def pick_device(name: str = "auto") -> torch.device:
-    """The device `name` names (auto: MPS > CUDA > CPU), or UserError, naming the fix, when it is not on this
-    machine: a run must stop before it writes anything, not at its first CUDA call."""
-    if name == "auto":
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
-    if device.type == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0:
-            raise UserError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); "
-                            f"use --device cpu")
-        if device.index is not None and device.index >= n:
-            raise UserError(f"--device {name}: this machine has {n} GPU(s), cuda:0 to cuda:{n - 1}")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device {name}: MPS is not available on this machine; use --device cpu")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"--device {name}: training runs on cpu, cuda or mps")
-    return device
-
-
-def set_deterministic(on: bool):
-    """Deterministic algorithms (the index/scatter ops the quantizers use, index_add_ and index_put_ among them,
-    switch to their deterministic CUDA versions), cuDNN deterministic, and the cuBLAS workspace setting CUDA needs
-    for repeatable GEMMs. The workspace is read when cuBLAS starts, so this runs before the first CUDA op."""
-    if on:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(on)
-    torch.backends.cudnn.deterministic = on
-
-
-def compile_nets(model: VQVAE, device: torch.device, backend: str = "inductor") -> bool:
-    """torch.compile the encoder and decoder in place (state_dict keys unchanged). The quantizer stays eager: its
-    chunked loops, data-dependent shapes and collectives would break the graph for little gain. Where compiling
-    is unsupported (no C++ compiler or Triton, a Python Dynamo does not support) warns and returns False."""
-    try:
-        # compilation is lazy: a trivial function compiled and run now finds a missing backend before training
-        torch.compile(lambda t: t * 2 + 1, backend=backend)(torch.ones(8, device=device))
-        model.encoder.compile(backend=backend)
-        model.decoder.compile(backend=backend)
-    except Exception as err:
-        warnings.warn(f"torch.compile unavailable on {device.type} ({type(err).__name__}: {err}); running eagerly")
-        return False
-    return True
-
 
 def make_optimizer(model: VQVAE, cfg: Config) -> tuple[torch.optim.Optimizer, list[tuple[list, float]]]:
     """AdamW over the autoencoder's parameters (lr, weight_decay), and the quantizer's own param_groups beside them.
@@ -1465,13 +1433,6 @@ def make_optimizer(model: VQVAE, cfg: Config) -> tuple[torch.optim.Optimizer, li
     own = {id(p) for g in groups for p in g["params"]}
     shared = [p for p in model.parameters() if id(p) not in own]
     return torch.optim.AdamW([{"params": shared}, *groups], lr=cfg.lr, weight_decay=cfg.weight_decay), clipped
-
-
-def autocast_dtype(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def auto_log_every(total_steps: int) -> int:
@@ -1528,9 +1489,9 @@ class Trainer:
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = not cfg.deterministic  # autotuning picks algorithms by timing
-        self.net = self._wrap(self.model)
+        self.ddp_model = self._wrap(self.model)  # the same model; forward runs through it
         self.optimizer, self.clipped = make_optimizer(self.model, cfg)
-        self.amp_dtype = autocast_dtype(cfg, device)
+        self.amp_dtype = autocast_dtype(cfg.precision, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.total_steps = cfg.epochs * len(self.train_batches)
         self.log_every = cfg.log_every or auto_log_every(self.total_steps)
@@ -1545,24 +1506,21 @@ class Trainer:
 
     def _wrap(self, model: VQVAE) -> nn.Module:
         if self.cfg.compile:
-            compile_nets(model, self.device)
+            compile_model(model, self.device)
         if self.world == 1:
             return model
-        return _ddp_wrap(model, self.device)
-
-    def progress(self, step: int) -> float:
-        return schedule_progress(step, self.schedule_anchor, self.total_steps)
+        return ddp_wrap(model, self.device)
 
     # -- one step -----------------------------------------------------------------------------------------------
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     def train_step(self, x: torch.Tensor) -> dict:
-        self.model.quantizer.schedule(self.progress(self.step))
+        self.model.quantizer.schedule(schedule_progress(self.step, self.schedule_anchor, self.total_steps))
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with self.autocast():
-            _, recon_loss, quant_losses, metrics = self.net(x)
+            _, recon_loss, quant_losses, metrics = self.ddp_model(x)
         loss = recon_loss + sum(quant_losses.values())
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -1597,7 +1555,7 @@ class Trainer:
         self.pending.clear()
 
     # -- epochs -------------------------------------------------------------------------------------------------
-    def train_epoch(self, logger: "Logger", stop: "StopFlag", progress) -> bool:
+    def train_epoch(self, logger: "Logger", stop: "StopFlag", bar) -> bool:
         """Runs the rest of the current epoch; returns False if a stop signal interrupted it."""
         self.model.train()
         for x in self.train_batches.epoch(self.epoch, start=self.step_in_epoch):
@@ -1606,12 +1564,12 @@ class Trainer:
                 self.epoch_sums[k] = self.epoch_sums.get(k, 0) + as_scalar(v, self.device)
             self.step += 1
             self.step_in_epoch += 1
-            progress.update(1)
+            bar.update(1)
             if self.step % self.log_every == 0:
                 self.check_finite()
                 record = {f"train/{k}": float(v) for k, v in self._rank_mean(out, self.term_names).items()}
                 logger.log({"step": self.step, "epoch": self.epoch + 1, **record})
-                progress.set_postfix(loss=f"{record['train/loss']:.4f}", ppl=f"{record['train/perplexity']:.1f}")
+                bar.set_postfix(loss=f"{record['train/loss']:.4f}", ppl=f"{record['train/perplexity']:.1f}")
             if self.stop_agreed(stop):
                 return False
         return True
@@ -1632,7 +1590,7 @@ class Trainer:
                     **{f"train_epoch/{k}": v for k, v in train_means.items()},
                     **{f"val/{k}": v for k, v in val.items()}})
         if self.rank == 0:
-            print(epoch_line(self.epoch, self.cfg.epochs, train_means, val, seconds))
+            print(epoch_line(self.epoch, self.cfg.epochs, train_means, val, self.model.quantizer.report(), seconds))
             # last.pt after the periodic file: a run killed in between redoes the epoch and writes both
             if self.epoch % self.cfg.checkpoint_every == 0:
                 self.save(f"checkpoint_epoch{self.epoch}.pt")
@@ -1714,10 +1672,11 @@ class Trainer:
         print(f"Training complete. Results in {self.run_dir}")
 
 
-def epoch_line(epoch: int, epochs: int, train_means: dict, val: dict, seconds: float) -> str:
+def epoch_line(epoch: int, epochs: int, train_means: dict, val: dict, report: dict, seconds: float) -> str:
+    """The printed line of an epoch; `report` is the quantizer's own (e.g. its beta)."""
     return (f"Epoch {epoch}/{epochs} | Train Loss: {train_means['loss']:.4f} | Val Loss: {val['loss']:.4f} | "
             f"PSNR: {val['psnr']:.2f} | Perplexity: {val['perplexity']:.1f} | Usage: {val['usage_rate'] * 100:.1f}%"
-            + (f" | beta: {val['beta']:.3f}" if "beta" in val else "") + f" | {seconds:.1f}s")
+            + "".join(f" | {k}: {v:.4g}" for k, v in report.items()) + f" | {seconds:.1f}s")
 
 
 @torch.no_grad()
@@ -1729,7 +1688,7 @@ def validate(model: VQVAE, batches: Batches, autocast=None) -> dict:
     was_training = model.training
     model.eval()
     K = model.quantizer.K
-    counts = torch.zeros(K, dtype=torch.long, device=batches.images.device)
+    counts = torch.zeros(K, device=batches.images.device)
     sums: dict[str, torch.Tensor] = {}
     n_images = 0
     for x in batches.epoch(0):
@@ -1750,7 +1709,7 @@ def validate(model: VQVAE, batches: Batches, autocast=None) -> dict:
         for k, v in terms.items():  # image-weighted; an empty slice's means are NaN and add nothing
             v = as_scalar(v, x.device)
             sums[k] = sums.get(k, 0) + (v * len(x) if len(x) else torch.zeros((), device=x.device))
-        counts += code_histogram(metrics["code_indices"], K)
+        counts += code_counts(metrics["code_indices"], K)
         n_images += len(x)
     names = list(sums)
     totals = dist_sum_(torch.stack([*(sums[k] for k in names), counts.new_tensor(n_images, dtype=torch.float)]))
@@ -1771,8 +1730,8 @@ def train(cfg: Config) -> dict:
     if cfg.resume and not cfg.name:
         raise UserError("--resume needs --name (the run to continue)")
     own_group = not (dist.is_available() and dist.is_initialized())
-    rank, world = _dist_rank_world()
-    device = pick_device(cfg.device) if world == 1 else _ddp_device(cfg, rank)
+    rank, world = dist_rank_world()
+    device = pick_device(cfg.device) if world == 1 else ddp_device(cfg.device, rank)
     cfg = _name_run(cfg)
     run_dir = Path(cfg.out_dir) / cfg.name
     # every check (run folder, checkpoint, data) passes before anything on disk is created or changed
@@ -1782,7 +1741,8 @@ def train(cfg: Config) -> dict:
         trainer.restore(ckpt)
     if rank == 0:
         prepare_run_dir(cfg, run_dir, resume=ckpt is not None)
-    logger = Logger(cfg, run_dir, enabled=rank == 0)
+    wandb = {"project": cfg.wandb_project, "name": cfg.name, "config": config_to_dict(cfg)} if cfg.wandb else None
+    logger = Logger(run_dir, enabled=rank == 0, wandb=wandb)
     if ckpt is not None:
         logger.truncate_after(trainer.step)
     _print_header(cfg, trainer, device, rank)
@@ -1795,6 +1755,9 @@ def train(cfg: Config) -> dict:
         with rank_local():  # rank 0 alone: its reconstruction forward must not wait for the other ranks
             trainer.write_final(metrics)
     if world > 1 and own_group:
+        # together: a rank that tore its group down while rank 0 still wrote the final files aborted at exit, now and
+        # then ("terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
     return metrics
 
@@ -1803,10 +1766,10 @@ def _train_loop(trainer: Trainer, logger: "Logger", stop: "StopFlag") -> dict:
     from tqdm.auto import tqdm
     cfg = trainer.cfg
     with tqdm(total=trainer.total_steps, initial=trainer.step, desc=cfg.name,
-              disable=None if trainer.rank == 0 else True, dynamic_ncols=True, leave=False) as progress:
+              disable=None if trainer.rank == 0 else True, dynamic_ncols=True, leave=False) as bar:
         while trainer.epoch < cfg.epochs:
             t0 = time.time()
-            finished = trainer.train_epoch(logger, stop, progress)
+            finished = trainer.train_epoch(logger, stop, bar)
             trainer.check_finite()
             if not finished:
                 if trainer.rank == 0:
@@ -1847,7 +1810,7 @@ def _name_run(cfg: Config) -> Config:
     if cfg.name:
         return cfg
     name = [f"{cfg.quantizer}_k{cfg.codebook_size}_{time.strftime('%Y%m%d-%H%M%S')}"]
-    if _world() > 1:  # the clock may tick between ranks: rank 0's name everywhere
+    if world_size() > 1:  # the clock may tick between ranks: rank 0's name everywhere
         dist.broadcast_object_list(name, 0)
     return dataclasses.replace(cfg, name=name[0])
 
@@ -1868,269 +1831,10 @@ def _print_header(cfg: Config, trainer: Trainer, device, rank: int):
 
 
 # ################################################################################################################
-# Distributed (every collective lives here; each is a no-op in a single process)
-# ################################################################################################################
-
-def dist_sum_(t: torch.Tensor) -> torch.Tensor:
-    """Sum a statistic over data-parallel ranks in place (no-op in a single process)."""
-    if _world() > 1:
-        dist.all_reduce(t)
-    return t
-
-
-_rank_local_depth = 0
-
-
-@contextlib.contextmanager
-def rank_local():
-    """Quantizers reduce nothing across ranks inside this block: for a forward that only some ranks run
-    (rank 0's reconstruction image), which would otherwise wait forever on the others."""
-    global _rank_local_depth
-    _rank_local_depth += 1
-    try:
-        yield
-    finally:
-        _rank_local_depth -= 1
-
-
-def _world() -> int:
-    if _rank_local_depth or not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size()
-
-
-def gather_rows(e: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows, in rank order: the global batch (training shards are equal in size)."""
-    if _world() == 1:
-        return e
-    parts = [torch.empty_like(e) for _ in range(_world())]
-    dist.all_gather(parts, e.contiguous())
-    return torch.cat(parts)
-
-
-def _random_rows(e: torch.Tensor, n: int) -> torch.Tensor:
-    """n rows drawn uniformly (with replacement) from the global batch, the same rows on every rank and the same
-    draw one process holding the whole batch would make. Only the n picked rows cross ranks, not the batch."""
-    if _world() == 1:
-        return e[torch.randint(len(e), (n,), device=e.device)]
-    rows = torch.randint(len(e) * _world(), (n,), device=e.device)  # same RNG state on every rank
-    mine = rows // len(e) == dist.get_rank()
-    out = torch.zeros(n, e.shape[1], dtype=e.dtype, device=e.device)
-    out[mine] = e[rows[mine] % len(e)]
-    return dist_sum_(out)
-
-
-def _broadcast(t: torch.Tensor) -> torch.Tensor:
-    """Rank 0's value everywhere, so random decisions (k-means) agree across ranks."""
-    if _world() > 1:
-        t = t.contiguous()
-        dist.broadcast(t, 0)
-    return t
-
-
-def _dist_logsumexp(lse: torch.Tensor) -> torch.Tensor:
-    """log sum over ranks of exp(lse), per column, shifted by the column max so nothing underflows."""
-    if _world() == 1:
-        return lse
-    m = lse.clone()
-    dist.all_reduce(m, op=dist.ReduceOp.MAX)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    return dist_sum_((lse - m).exp()).log() + m
-
-
-def _dist_rank_world() -> tuple[int, int]:
-    """(rank, world size) of this process; under torchrun (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment)
-    the process group is started here: gloo for CPU tensors, and NCCL for CUDA tensors where CUDA is present."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        if not dist.is_initialized():
-            cuda = torch.cuda.is_available() and dist.is_nccl_available()
-            dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _ddp_device(cfg: Config, rank: int) -> torch.device:
-    """One device per process: cuda:LOCAL_RANK when CUDA is asked for (or auto and present), else the CPU. Every
-    process checks that the machine has a GPU for each of its processes, so all stop alike before writing."""
-    name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        pick_device("cuda")  # CUDA present at all
-        gpus, procs = torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", _world()))
-        if procs > gpus:
-            raise UserError(f"torchrun started {procs} processes on this machine, which has {gpus} GPU(s): use "
-                            f"--nproc_per_node={gpus} or fewer (one process per GPU), or --device cpu to run the "
-                            f"processes on the CPU (gloo)")
-        local = int(os.environ.get("LOCAL_RANK", rank))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    if name != "cpu":
-        raise UserError(f"multi-process training runs on CUDA or the CPU, not on {name}")
-    return torch.device("cpu")
-
-
-def _ddp_wrap(model: nn.Module, device: torch.device) -> nn.Module:
-    ddp = nn.parallel.DistributedDataParallel
-    # CPU conv backward gives 1x1 weights' grads other (equivalent) strides than DDP's buckets: one copy, no harm
-    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    # buffers are not synced each forward: every rank derives the same codebook from statistics summed over ranks
-    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters \
-        else "broadcast_buffers"  # the older name
-    return ddp(model, device_ids=[device] if device.type == "cuda" else None, **{no_sync: False},
-               gradient_as_bucket_view=True)
-
-
-# ################################################################################################################
-# Fast kernels (CPU-aware chunking, tiled nearest code, row argmax, scatter sums, log column sums)
-# ################################################################################################################
-
-def scatter_sum(idx: torch.Tensor, e: torch.Tensor, K: int) -> torch.Tensor:
-    """sums[k] = sum of rows e[n] with idx[n] == k, (K, D), in O(N D) with no (N, K) one-hot.
-
-    On CPU: a stable sort then a segment sum, which is deterministic (index_put_'s accumulate uses atomic adds
-    whose order varies run to run, and index_add_ is serial and several times slower). Elsewhere: index_add_.
-    """
-    if e.device.type != "cpu":
-        return torch.zeros(K, e.shape[1], dtype=e.dtype, device=e.device).index_add_(0, idx, e)
-    order = idx.argsort(stable=True)
-    return torch.segment_reduce(e[order], "sum", lengths=torch.bincount(idx, minlength=K), axis=0)
-
-
-CPU_CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 per (rows, K) block
-
-
-def chunk_rows(chunk: int, K: int, device: torch.device) -> int:
-    """Rows per (rows, K) block: `chunk`, capped on CPU at CPU_CHUNK_ELEMENTS / K. glibc serves blocks of 32 MiB
-    and more by fresh mmaps whose page faults cost as much as the arithmetic (and such blocks miss the caches);
-    smaller ones are reused. On CUDA the caching allocator has no such cost and bigger blocks mean fewer launches."""
-    return max(1, min(chunk, CPU_CHUNK_ELEMENTS // K)) if device.type == "cpu" else chunk
-
-
-def _with_ones(e):
-    return torch.cat([e, torch.ones_like(e[:, :1])], 1)  # (N, D+1)
-
-
-CPU_TILE = 1024  # nearest-code search on CPU: (1024 rows, 1024 codes) score tiles, 4 MiB, stay in cache
-
-
-def nearest_code(e: torch.Tensor, C: torch.Tensor, chunk: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """argmin_k ||e_n - c_k||^2 for each row of e (the first such k), never holding more than (chunk, K) scores.
-    With `bias` (K,): argmax_k 2 e.c_k - ||c_k||^2 + bias_k, i.e. argmin_k ||e_n - c_k||^2 - bias_k.
-
-    On CPU the search is tiled over codes as well, keeping a running best per row: a whole (rows, K) block
-    either leaves the cache (K large, rows many) or makes a GEMM too thin to run fast (K large, rows few);
-    at K = 65,536 tiling halves the time.
-    """
-    N, K = len(e), len(C)
-    rows, tile = (min(chunk, CPU_TILE), CPU_TILE) if e.device.type == "cpu" else (chunk, K)
-    # [e, 1] W^T = 2 e.c - ||c||^2 = ||e||^2 - ||e - c||^2: the nearest code has the largest score, one GEMM
-    W = _with_ones(2.0 * C)
-    W[:, -1] = -(C * C).sum(1) if bias is None else bias - (C * C).sum(1)  # bias (K,): a MAP prior term
-    e1 = _with_ones(e)
-    idx = torch.empty(N, dtype=torch.long, device=e.device)
-    for s in range(0, N, rows):
-        best, arg = row_argmax(e1[s:s + rows] @ W[:tile].t())
-        for k in range(tile, K, tile):
-            score, i = row_argmax(e1[s:s + rows] @ W[k:k + tile].t())
-            better = score > best  # strict: on a tie the earlier tile, so the first index, wins
-            best, arg = torch.where(better, score, best), torch.where(better, i + k, arg)
-        idx[s:s + rows] = arg
-    return idx
-
-
-ARGMAX_BLOCK = 64
-
-
-def row_argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(max, index of the first max) of each row of x (R, K), as x.max(1).
-
-    On CPU torch's arg-reductions are not vectorised (about 15x slower than amax), so: the max of each block of
-    ARGMAX_BLOCK columns (vectorised), the first block holding the row max, then argmax within that block only.
-    """
-    R, K = x.shape
-    if x.device.type != "cpu" or K % ARGMAX_BLOCK or K == ARGMAX_BLOCK:
-        return x.max(1)
-    blocks = x.reshape(R, K // ARGMAX_BLOCK, ARGMAX_BLOCK)
-    best, j = blocks.amax(2).max(1)
-    inner = blocks[torch.arange(R, device=x.device), j].argmax(1)
-    return best, j * ARGMAX_BLOCK + inner
-
-
-TOPK_BLOCK = 64  # row_topk's block of columns
-
-
-def row_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x.topk(k, dim=1) (values and indices, largest first) of x (R, K). On CPU torch's topk over a long row costs
-    ~10 times an amax, so: the max of each block of TOPK_BLOCK columns (vectorised), the k blocks with the largest
-    maxima (they hold the k largest entries: any other block's entries are at most its max, which is at most the
-    k-th largest block max, which is at most the k-th largest entry), then topk over those k blocks' entries."""
-    R, K = x.shape
-    if x.device.type != "cpu" or K % TOPK_BLOCK or K // TOPK_BLOCK <= k:
-        return x.topk(k, dim=1)
-    blocks = x.view(R, K // TOPK_BLOCK, TOPK_BLOCK)
-    best = blocks.amax(2).topk(k, dim=1).indices  # (R, k)
-    cand = blocks.gather(1, best[:, :, None].expand(R, k, TOPK_BLOCK)).view(R, k * TOPK_BLOCK)
-    values, j = cand.topk(k, dim=1)
-    return values, best.gather(1, j // TOPK_BLOCK) * TOPK_BLOCK + j % TOPK_BLOCK
-
-
-def _log_colsum(col, e1, W, lse_row, chunk):
-    """log sum_n p_nk from the linear column sums `col` (K,), and in log space (logsumexp) for the columns whose sum
-    underflows, so log Q stays finite even at beta = 1e4. A column counts as underflowing when all its terms may be
-    subnormal (sum < N x smallest normal), where float32 keeps too few digits (a sum stored as 2.8e-45 was 13% off);
-    above that the subnormal terms' rounding is below 1e-7 of the sum. Those columns' logits are formed again (a GEMM
-    of N x (their number)), log p = logits - lse_row."""
-    out = col.log()
-    under = col < torch.finfo(col.dtype).tiny * len(e1)
-    if not bool(under.any()):
-        return out
-    cols = under.nonzero().squeeze(1)
-    Wu = W.index_select(0, cols)  # (n_under, D+1)
-    lse = torch.full((len(cols),), -math.inf, dtype=col.dtype, device=col.device)
-    for s in range(0, len(e1), chunk):
-        log_p = (e1[s:s + chunk] @ Wu.t()).sub_(lse_row[s:s + chunk, None])  # (chunk, n_under)
-        m = log_p.amax(0)
-        # a column's logsumexp. Terms more than 87 below the column max add < 1e-38 to a sum >= 1, so clamping
-        # them there changes nothing and keeps exp off its slow underflow path (about 10x slower on CPU)
-        lse = torch.logaddexp(lse, log_p.sub_(m).clamp_(min=-87.0).exp_().sum(0).log_().add_(m))
-    out[cols] = lse
-    return out
-
-
-# ################################################################################################################
 # Checkpoint I/O
 # ################################################################################################################
 
 CHECKPOINT_FORMAT = 2  # 2: final_model.pt shares last.pt's format (minus optimizer); the schedule anchor is saved
-
-
-def atomic_write(path: Path, write) -> Path:
-    """Write via a temporary file in the same folder, fsync, then rename: a crash never leaves a partial file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)  # the rename itself survives a power cut only once the folder is synced
-    return path
-
-
-def _fsync_dir(folder: Path):
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # platforms that cannot open a folder (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
@@ -2241,71 +1945,3 @@ class Interrupted(Exception):
                          f"{trainer.run_dir / 'last.pt'} written; continue with --resume --name {cfg.name} "
                          f"--out_dir {cfg.out_dir}")
         self.exit_code = 128 + signum
-
-
-# ################################################################################################################
-# Logging and W&B
-# ################################################################################################################
-
-class Logger:
-    """The one place metrics are written: metrics.jsonl (every record) and W&B when enabled."""
-
-    def __init__(self, cfg: Config, run_dir: Path, enabled: bool = True):
-        self.path, self.enabled, self.wandb_run = run_dir / "metrics.jsonl", enabled, None
-        if enabled and cfg.wandb:
-            self.wandb_run = _init_wandb(cfg, run_dir)
-
-    def log(self, record: dict):
-        if not self.enabled:
-            return
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record.get("step"))
-
-    def truncate_after(self, step: int):
-        """Drop records written after `step` (a resumed run replays them), and a line cut short by a kill."""
-        if self.enabled and self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines() if _record_step(ln) <= step]
-            atomic_write(self.path, lambda fh: fh.write("".join(ln + "\n" for ln in keep).encode()))
-
-    def finish(self):
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
-
-
-def _record_step(line: str) -> float:
-    try:
-        return json.loads(line).get("step", 0)
-    except json.JSONDecodeError:  # the partial last line of a killed run
-        return math.inf
-
-
-def _init_wandb(cfg: Config, run_dir: Path):
-    try:
-        import wandb
-    except ImportError:
-        print("wandb is not installed; logging to metrics.jsonl only (--no_wandb silences this)")
-        return None
-    mode = os.environ.get("WANDB_MODE")
-    if mode is None and not (os.environ.get("WANDB_API_KEY") or _wandb_logged_in()):
-        mode = "offline"
-        print("W&B: not logged in, logging offline into the run folder (`wandb login`, then `wandb sync`)")
-    try:
-        return wandb.init(project=cfg.wandb_project, name=cfg.name, config=config_to_dict(cfg), dir=str(run_dir),
-                          mode=mode, resume="allow", id=_wandb_id(run_dir))
-    except Exception as err:  # W&B trouble must never cost a run
-        print(f"W&B unavailable ({type(err).__name__}: {err}); logging to metrics.jsonl only")
-        return None
-
-
-def _wandb_logged_in() -> bool:
-    netrc = Path.home() / ".netrc"
-    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
-
-
-def _wandb_id(run_dir: Path) -> str:
-    path = run_dir / "wandb_id.txt"
-    if not path.exists():
-        path.write_text(f"{run_dir.name[:40]}-{os.urandom(4).hex()}")
-    return path.read_text().strip()

@@ -43,7 +43,7 @@ def run(cfg: vqvae.Config, steps: int, rank: int, world: int) -> dict:
 
 
 def main(out: str, configs_json: str, steps: str):
-    rank, world = vqvae._dist_rank_world()
+    rank, world = vqvae.dist_rank_world()
     for i, overrides in enumerate(json.loads(configs_json)):
         result = run(vqvae.make_config(overrides), int(steps), rank, world)
         torch.save({**result, "world": world}, Path(out) / f"rank{rank}_{i}.pt")

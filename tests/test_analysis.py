@@ -134,7 +134,7 @@ def test_latents_are_encoder_outputs_with_the_models_codes(model_and_images):
     # every sampled latent is one of the encoder's outputs, drawn without replacement
     match = torch.cdist(e, all_e).argmin(1)
     assert torch.allclose(all_e[match], e, atol=1e-5) and len(set(match.tolist())) == 300
-    if model.quantizer_type == "vq_ema":  # hard VQ: the code is the nearest codeword
+    if model.cfg.quantizer == "vq_ema":  # hard VQ: the code is the nearest codeword
         C = model.quantizer.codebook
         assert torch.equal(idx, torch.cdist(e, C).argmin(1))
     rate, distortion = runs.operating_point(e, model.quantizer.codebook, idx)

@@ -34,6 +34,9 @@ def test_seed_mode_reproduces_the_outputs_recorded_before_the_options():
             if "z_grad" in expected[part]:
                 torch.testing.assert_close(got[part]["z_grad"], expected[part]["z_grad"], rtol=1e-5, atol=1e-7)
         for k, v in expected["state"].items():
+            if k == "ema_sum" and settings.get("codebook_update") == "grad":
+                assert k not in got["state"]  # a learned codebook no longer keeps the ema_sum it never read
+                continue
             torch.testing.assert_close(got["state"][k], v, rtol=1e-6, atol=1e-7)
 
 
@@ -68,7 +71,7 @@ def test_running_map_code_is_the_argmax_of_log_q_minus_beta_d():
     q.eval()
     z = torch.randn(8, 6, 2, 2)
     e = vqvae.Quantizer._flatten(z)
-    beta = q.current_beta() / q.d_mean.item()
+    beta = q.beta.item() / q.d_mean.item()
     expected = (q.log_Q_running - beta * torch.cdist(e, q.codebook) ** 2).argmax(1)
     assert torch.equal(q(z)[2]["code_indices"].reshape(-1), expected)
 
@@ -100,11 +103,11 @@ def test_mutual_information_gradient_equals_autograd_of_the_direct_formula(iters
 
     def chunked(e, C):
         out = vqvae.ba_assign(e, C, log_Q0, 1.3, iters, chunk=32, cache_limit=1 << 30 if cache else 0)
-        return out[1], out[5]
+        return out.log_Q, out.H_p
 
     def direct(e, C):
-        _, log_Q, _, p = vqvae.ba_assign_direct(e, C, log_Q0, 1.3, iters)
-        return log_Q, -torch.special.xlogy(p, p).sum(1).mean()
+        out = vqvae.ba_assign_direct(e, C, log_Q0, 1.3, iters)
+        return out.log_Q, -torch.special.xlogy(out.p, out.p).sum(1).mean()
 
     for a, b in zip(mi_grads(chunked), mi_grads(direct)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
@@ -115,9 +118,12 @@ def test_max_p_and_row_entropy_statistics():
     e, C = torch.randn(200, 4, generator=g), torch.randn(10, 4, generator=g)
     log_Q0 = torch.full((10,), -math.log(10))
     out = vqvae.ba_assign(e, C, log_Q0, 2.0, 2, chunk=64)
-    p = vqvae.ba_assign_direct(e, C, log_Q0, 2.0, 2)[3]
-    torch.testing.assert_close(out[6], p.amax(1).mean())
-    torch.testing.assert_close(out[5], -torch.special.xlogy(p, p).sum(1).mean(), rtol=1e-5, atol=1e-6)
+    direct = vqvae.ba_assign_direct(e, C, log_Q0, 2.0, 2)
+    p = direct.p
+    torch.testing.assert_close(out.max_p, p.amax(1).mean())
+    torch.testing.assert_close(out.H_p, -torch.special.xlogy(p, p).sum(1).mean(), rtol=1e-5, atol=1e-6)
+    for name in ("max_p", "H_p", "counts", "log_Q"):  # the plain formula's own statistics are the same
+        torch.testing.assert_close(getattr(direct, name), getattr(out, name), rtol=1e-5, atol=1e-5)
 
 
 def test_hard_forward_gives_the_decoder_codebook_vectors_in_training():
@@ -162,7 +168,7 @@ def test_seed_mode_has_no_restarts_whatever_the_config_says():
                                                      ("running", 1, "running")])
 def test_auto_evaluation_codes_follow_the_training_rule(marginal, ba_iters, rule):
     q = make_q(marginal=marginal, ba_iters=ba_iters)
-    assert q.hp.eval_codes == "auto" and q.eval_rule() == rule
+    assert q.hp.eval_codes == "auto" and q.eval_rule == rule
     if rule == "nearest":  # a uniform prior: training's hard code is the nearest code, and so is evaluation's
         q.train()
         e = torch.randn(64, 6)
@@ -189,7 +195,7 @@ def test_skipping_the_soft_mixture_changes_no_other_output_or_gradient(cache):
         e, C = e0.clone().requires_grad_(), C0.clone().requires_grad_()
         out = vqvae.ba_assign(e, C, log_Q0, 1.7, 2, chunk=32, want_sums=True, want_z=want_z,
                               cache_limit=1 << 30 if cache else 0)
-        z, log_Q, idx, counts, sums, H_p, max_p = out
+        z, log_Q, idx, counts, sums, H_p, max_p, _ = out
         assert len(z) == (96 if want_z else 0)
         (0.3 * H_p - (log_Q.exp() * log_Q).sum()).backward()
         grads.append((e.grad, C.grad, log_Q.detach(), idx, counts, sums, H_p.detach(), max_p))

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 import baselines
 import vqvae
+from helpers import as_if_killed_after_epoch_1
 from vqvae import Config
 
 NEW = ["simvq", "fsq", "wasserstein_vq", "cvq"]
-CODEBOOK = ["simvq", "wasserstein_vq", "cvq"]  # nearest code in a codebook: straight-through or rotation to e
 LOSSES = {"simvq": {"commitment_loss", "codebook_loss"}, "fsq": set(),
           "wasserstein_vq": {"commitment_loss", "codebook_loss", "wasserstein_loss"},
           "cvq": {"commitment_loss", "codebook_loss"}}
@@ -33,59 +33,7 @@ def as_bdhw(codes):
     return codes.permute(0, 3, 1, 2)  # (B, H, W, D) -> (B, D, H, W)
 
 
-# -- the contract, for every new quantizer ------------------------------------------------------------------------
-
-@pytest.mark.parametrize("kind, estimator", [(k, "ste") for k in NEW] + [(k, "rotation") for k in CODEBOOK])
-def test_shapes_indices_losses_and_gradient(kind, estimator):
-    torch.manual_seed(0)
-    q = make_q(kind, estimator=estimator).train()
-    z = latents().requires_grad_()
-    z_q, losses, metrics = q(z)
-    assert z_q.shape == z.shape
-    idx = metrics["code_indices"]
-    assert idx.shape == (4, 3, 3) and idx.dtype == torch.long and idx.min() >= 0 and idx.max() < q.K
-    assert set(losses) == LOSSES[kind] and all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
-    (z_q.square().sum() + sum(losses.values(), torch.zeros(()))).backward()
-    assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
-    trained = [p for p in q.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
-    assert trained  # the loss reaches what the quantizer learns (W, projections, codebook)
-
-
-@pytest.mark.parametrize("kind", NEW)
-def test_eval_output_is_codes_of_indices(kind):
-    torch.manual_seed(0)
-    q = make_q(kind)
-    q.train()(latents(seed=1))  # initialisation and one update on a training batch
-    q.eval()
-    z_q, losses, metrics = q(latents(seed=2))
-    lookup = as_bdhw(q.codes(metrics["code_indices"]))
-    if kind == "fsq":  # rounding is straight-through inside the quantizer: z_q is the grid point itself
-        assert torch.equal(z_q, lookup)
-    else:  # e + sg(z_q - e) differs from z_q by a rounding error
-        torch.testing.assert_close(z_q, lookup, rtol=0, atol=1e-6)
-    assert all(torch.isfinite(v) for v in losses.values())
-
-
-@pytest.mark.parametrize("kind", NEW)
-def test_eval_code_depends_on_the_latent_alone(kind):
-    torch.manual_seed(0)
-    q = make_q(kind)
-    q.train()(latents(seed=1))
-    q.eval()
-    z = latents(seed=2)
-    whole = q(z)[2]["code_indices"]
-    alone = torch.cat([q(z[i:i + 1])[2]["code_indices"] for i in range(len(z))])
-    assert torch.equal(whole, alone)
-
-
-@pytest.mark.parametrize("kind", NEW)
-def test_eval_changes_no_state(kind):
-    torch.manual_seed(0)
-    q = make_q(kind)
-    q.train()(latents(seed=1))
-    before = {k: v.clone() for k, v in q.state_dict().items()}
-    q.eval()(latents(seed=2))
-    assert all(torch.equal(v, q.state_dict()[k]) for k, v in before.items())
+# (the contract's properties, for every registered quantizer: tests/test_contract.py)
 
 
 # -- SimVQ ----------------------------------------------------------------------------------------------------------
@@ -386,10 +334,7 @@ def test_trains_and_resumes_bit_exactly(tmp_path, small_sample, kind):
     cfg = tiny_cfg(tmp_path, kind, **RUN_OVERRIDES.get(kind, {}))
     straight = vqvae.train(cfg)
     run_dir = tmp_path / "run"
-    # as if killed after epoch 1: its checkpoint becomes last.pt and the final files are gone
-    (run_dir / "checkpoint_epoch1.pt").replace(run_dir / "last.pt")
-    for name in ("final_metrics.json", "final_model.pt"):
-        (run_dir / name).unlink()
+    as_if_killed_after_epoch_1(run_dir)
     resumed = vqvae.train(dataclasses.replace(cfg, resume=True))
     assert resumed == straight  # bit-exact: queue, usage, codebook, optimizer and RNG all in the checkpoint
     assert all(math.isfinite(v) for v in straight.values()) and LOSSES[kind] <= set(straight)

@@ -92,16 +92,24 @@ def test_dense_references_are_skipped_beyond_the_memory_limit(impl):
     assert row["ms"] is None and "GiB" in row["skipped"]
 
 
-def test_dense_assign_matches_chunked_outputs():
-    """The benchmark's direct reference computes what the chunked assignment computes."""
+def test_direct_reference_is_a_drop_in_for_the_chunked_assignment():
+    """The benchmark's ba_direct rows run BAQuantizer with ba_assign_direct swapped in: same fields, same values."""
     torch = bench.torch
     g = torch.Generator().manual_seed(0)
     e, C = torch.randn(200, 5, generator=g), torch.randn(30, 5, generator=g)
     log_Q0 = torch.full((30,), -torch.log(torch.tensor(30.0)).item())
-    dense = bench.dense_ba_assign(e, C, log_Q0, 0.6, 2, chunk=0, want_sums=True)
+    dense = bench.vqvae.ba_assign_direct(e, C, log_Q0, 0.6, 2, chunk=0, want_sums=True)
     chunked = bench.vqvae.ba_assign(e, C, log_Q0, 0.6, 2, chunk=64, want_sums=True)
-    for a, b in zip(dense, chunked):
+    assert type(dense) is type(chunked) and chunked.p is None and dense.p.shape == (200, 30)
+    for a, b in zip(dense[:-1], chunked[:-1]):
         if a.dtype == torch.long:
             assert torch.equal(a, b)
         else:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    x, outs = torch.randn(4, 5, 8, 8, generator=g), []
+    for impl in ("ba", "ba_direct"):  # the same quantizer step, chunked and plain
+        torch.manual_seed(0)
+        forward, _ = bench.make_forward(impl, 5, 30, 2, torch.device("cpu"), 64, beta=3.0)
+        outs.append(forward(x))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -9,6 +9,7 @@ import runs
 import sweep
 import train as train_cli
 import vqvae
+from helpers import as_if_killed_after_epoch_1
 
 
 class ShrinkVQ(vqvae.VQEMAQuantizer):
@@ -43,11 +44,8 @@ def tiny_cfg(tmp_path, **overrides):
 
 def test_registered_quantizer_trains_logs_and_resumes(tmp_path):
     straight = vqvae.train(tiny_cfg(tmp_path, name="straight", checkpoint_every=1))
-    # as if killed after epoch 1: its checkpoint becomes last.pt and the final files are gone
     run_dir = tmp_path / "straight"
-    (run_dir / "checkpoint_epoch1.pt").replace(run_dir / "last.pt")
-    for name in ("final_metrics.json", "final_model.pt"):
-        (run_dir / name).unlink()
+    as_if_killed_after_epoch_1(run_dir)
     resumed = vqvae.train(tiny_cfg(tmp_path, name="straight", checkpoint_every=1, resume=True))
     assert resumed == straight  # bit-exact resume, extra term and all
     records = runs.read_jsonl(run_dir / "metrics.jsonl")
@@ -88,3 +86,63 @@ def test_params_name_only_config_fields_and_each_quantizer_gets_its_own():
 
         vqvae.register_quantizer("bad")(type("BadQ", (vqvae.Quantizer,), {"Params": Bad}))
     assert "bad" not in vqvae.QUANTIZERS
+
+
+# -- every registered quantizer (vqvae.py's and baselines.py's; not those tests define), properties of the contract --
+
+REGISTERED = sorted(n for n, c in vqvae.QUANTIZERS.items() if not c.__module__.startswith(("test", "tests")))
+ESTIMATED = [(n, est) for n in REGISTERED for est in ("ste", "rotation")
+             if est == "ste" or "estimator" in {f.name for f in dataclasses.fields(vqvae.QUANTIZERS[n].Params)}]
+BATCH_CODES = {"ba_seed"}  # the seeds' evaluation rule: a code under the evaluated batch's own marginal
+
+
+def make_q(name, **overrides):
+    cfg = vqvae.Config(quantizer=name, codebook_size=16, kmeans_iters=3, wvq_queue_size=64, **overrides)
+    return vqvae.make_quantizer(cfg, 8)
+
+
+def latents(seed, B=4):
+    return torch.randn(B, 8, 3, 3, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name, estimator", ESTIMATED)
+def test_training_forward_shapes_indices_losses_and_gradients(name, estimator):
+    torch.manual_seed(0)
+    q = make_q(name, estimator=estimator).train()
+    z = latents(0).requires_grad_()
+    z_q, losses, metrics = q(z)
+    assert z_q.shape == z.shape and z_q.dtype == z.dtype
+    idx = metrics["code_indices"]
+    assert idx.shape == (4, 3, 3) and idx.dtype == torch.long and 0 <= idx.min() and idx.max() < q.K
+    assert all(torch.is_tensor(v) and v.dim() == 0 and torch.isfinite(v) for v in losses.values())
+    assert all(vqvae.is_scalar(v) for k, v in metrics.items() if k != "code_indices")
+    (z_q.square().sum() + sum(losses.values(), torch.zeros(()))).backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+    learned = [p for p in q.parameters() if p.requires_grad]
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in learned)  # the loss reaches them
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_eval_output_is_the_codes_of_its_indices_and_changes_no_state(name):
+    torch.manual_seed(0)
+    q = make_q(name)
+    q.train()(latents(1))  # initialisation and one update on a training batch
+    q.eval()
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    z_q, losses, metrics = q(latents(2))
+    lookup = q.codes(metrics["code_indices"]).permute(0, 3, 1, 2)
+    torch.testing.assert_close(z_q, lookup, rtol=0, atol=1e-6)  # the deployed model: a lookup
+    assert all(torch.equal(v, q.state_dict()[k]) for k, v in before.items())
+    assert all(isinstance(v, float) for v in q.report().values())
+
+
+@pytest.mark.parametrize("name", [n for n in REGISTERED if n not in BATCH_CODES])
+def test_eval_code_of_a_latent_does_not_depend_on_its_batch(name):
+    torch.manual_seed(0)
+    q = make_q(name)
+    q.train()(latents(1))
+    q.eval()
+    z = latents(2, B=6)
+    whole = q(z)[2]["code_indices"]
+    alone = torch.cat([q(z[i:i + 1])[2]["code_indices"] for i in range(len(z))])
+    assert torch.equal(whole, alone)

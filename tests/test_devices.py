@@ -39,7 +39,7 @@ def test_more_processes_than_gpus_names_the_fix(monkeypatch):
     for device in ("cuda", "auto"):
         with pytest.raises(vqvae.UserError, match=r"2 processes .* 1 GPU\(s\): use --nproc_per_node=1 or fewer .* "
                                                   r"--device cpu"):
-            vqvae._ddp_device(vqvae.Config(device=device), rank=0)
+            vqvae.ddp_device(device, rank=0)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="this machine has a GPU for each of the two processes")

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import plumbing
 import vqvae
 
 
@@ -34,7 +35,7 @@ def test_tiled_nearest_code_equals_cdist_argmin(monkeypatch, tile):
     e, C = torch.randn(300, 8, generator=g), torch.randn(200, 8, generator=g)
     C[150] = C[20]  # a duplicate code: both tie for the same rows, the lower index must win
     e[:10] = C[20]
-    monkeypatch.setattr(vqvae, "CPU_TILE", tile)  # 3: many code tiles and 3-row blocks
+    monkeypatch.setattr(plumbing, "CPU_TILE", tile)  # 3: many code tiles and 3-row blocks
     idx = vqvae.nearest_code(e, C, 4096)
     assert torch.equal(idx, torch.cdist(e, C).argmin(1))
     assert (idx[:10] == 20).all()
@@ -48,11 +49,12 @@ def test_log_colsum_equals_logsumexp_of_log_softmax(scale):
     W = torch.randn(300, 5, generator=g) * scale
     logits = e1 @ W.t()
     p = torch.softmax(logits, dim=1)
-    got = vqvae._log_colsum(p.sum(0), e1, W, torch.logsumexp(logits, 1), chunk=16)
+    got, under = vqvae._log_colsum(p.sum(0), e1, W, torch.logsumexp(logits, 1), chunk=16)
     want = torch.logsumexp(torch.log_softmax(logits.double(), dim=1), dim=0)
     assert torch.isfinite(got).all()
     if scale > 1:
-        assert (p.sum(0) == 0).any()  # the underflow route ran
+        assert (p.sum(0) == 0).any() and under is not None  # the underflow route ran ...
+        assert set(under.tolist()) >= set((p.sum(0) == 0).nonzero().squeeze(1).tolist())  # ... on those columns
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
@@ -62,7 +64,7 @@ def test_small_cpu_blocks_change_nothing(monkeypatch):
     log_Q0 = torch.full((50,), -math.log(50))
     ref_idx = vqvae.nearest_code(e, C, 4096)
     ref = vqvae.ba_assign(e, C, log_Q0, 0.9, 2, 4096, want_sums=True)
-    monkeypatch.setattr(vqvae, "CPU_CHUNK_ELEMENTS", 7 * 50)  # 7-row blocks
+    monkeypatch.setattr(plumbing, "CPU_CHUNK_ELEMENTS", 7 * 50)  # 7-row blocks
     assert vqvae.chunk_rows(4096, 50, e.device) == 7
     assert torch.equal(vqvae.nearest_code(e, C, 4096), ref_idx)
     for a, b in zip(vqvae.ba_assign(e, C, log_Q0, 0.9, 2, 4096, want_sums=True), ref):

@@ -24,6 +24,7 @@ import torch
 
 import train
 import runs
+import plumbing
 import vqvae
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -251,7 +252,7 @@ def test_kill_during_a_write_leaves_the_old_file_and_resume_clears_the_rest(tmp_
             fh.flush()
             os.kill(os.getpid(), signal.SIGKILL)
         try:
-            vqvae.atomic_write(path, write)
+            plumbing.atomic_write(path, write)
         finally:
             os._exit(1)
     _, status = os.waitpid(pid, 0)
@@ -263,7 +264,7 @@ def test_kill_during_a_write_leaves_the_old_file_and_resume_clears_the_rest(tmp_
 
 
 def test_resume_drops_records_after_the_checkpoint_and_a_cut_line(tmp_path):
-    log = vqvae.Logger(vqvae.Config(wandb=False), tmp_path)
+    log = plumbing.Logger(tmp_path)
     for step in (1, 2, 3):
         log.log({"step": step, "train/loss": 0.5})
     with open(log.path, "a") as fh:

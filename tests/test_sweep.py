@@ -1,5 +1,6 @@
 """Sweeps through the real CLI: run, skip finished experiments, resume an interrupted one, summarise."""
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,10 +19,10 @@ TINY_SWEEP = {"name": "tiny",
                               {"name": "ba", "key_change": "BA, 1 iter", "quantizer": "ba_vq", "ba_iters": 1}]}
 
 
-def run_sweep_cli(path, out_dir, *flags):
+def run_sweep_cli(path, out_dir, *flags, env=None):
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--sweep", str(path), "--dataset", "cifar10-sample",
                            "--no_wandb", "--out_dir", str(out_dir), *flags], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -87,3 +88,19 @@ def test_seeds_key_runs_every_experiment_once_per_seed(tmp_path):
         {"name": "vq", "quantizer": "vq_ema", "seed": 5}]}))
     with pytest.raises(sweep.UserError, match="not both"):
         sweep.read_sweep(bad)
+
+
+def test_jobs_run_experiments_side_by_side_with_the_results_of_one_by_one(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY_SWEEP))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads per run both ways: the same arithmetic
+    run_sweep_cli(path, tmp_path / "one", env=env)
+    stdout = run_sweep_cli(path, tmp_path / "two", "--jobs", "2", env=env)
+    assert "vq: done" in stdout and "ba: done" in stdout
+    for name in ("vq", "ba"):
+        one, two = (tmp_path / d / "tiny" / name for d in ("one", "two"))
+        assert (two / "final_metrics.json").read_text() == (one / "final_metrics.json").read_text()
+        assert "Training complete" in (tmp_path / "two" / "tiny" / "logs" / f"{name}.log").read_text()
+    assert read_results(tmp_path / "two" / "tiny").keys() == {"vq", "ba"}
+    stdout = run_sweep_cli(path, tmp_path / "two", "--jobs", "2", env=env)  # the skip rule holds with jobs
+    assert "vq: finished, skipping" in stdout and "ba: finished, skipping" in stdout and "done" not in stdout

@@ -83,8 +83,8 @@ def test_schedule_progress_reanchors_without_a_jump():
 def test_ba_statistics_carry_no_gradient():
     e = torch.randn(50, 4, requires_grad=True)
     C = torch.randn(8, 4, requires_grad=True)
-    z, log_Q, idx, counts, sums, H_p, max_p = vqvae.ba_assign(e, C, torch.full((8,), -2.0794), 1.0, 2, 16,
-                                                              want_sums=True)
+    z, log_Q, idx, counts, sums, H_p, max_p, _ = vqvae.ba_assign(e, C, torch.full((8,), -2.0794), 1.0, 2, 16,
+                                                                 want_sums=True)
     assert z.requires_grad and log_Q.requires_grad
     assert H_p.requires_grad and not max_p.requires_grad
     assert not counts.requires_grad and not sums.requires_grad and not idx.requires_grad

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vqvae import SAMPLE_PATH, _find_batches_dir, _read_cifar_pickles  # noqa: E402
+from vqvae import SAMPLE_PATH, find_batches_dir, read_cifar_pickles  # noqa: E402
 
 
 def main():
@@ -20,8 +20,8 @@ def main():
     parser.add_argument("--per_batch", type=int, default=128)
     parser.add_argument("--test", type=int, default=160)
     args = parser.parse_args()
-    folder = _find_batches_dir(Path(args.src))
-    train, test = _read_cifar_pickles(folder)
+    folder = find_batches_dir(Path(args.src))
+    train, test = read_cifar_pickles(folder)
     per_file = len(train) // 5
     train = np.concatenate([train[i * per_file:i * per_file + args.per_batch] for i in range(5)])
     SAMPLE_PATH.parent.mkdir(exist_ok=True)
