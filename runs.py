@@ -49,7 +49,7 @@ def load_run(run_dir: str | Path) -> dict:
 
 TABLE_SETTINGS = ("quantizer", "codebook_size", "epochs", "commitment_weight")
 TABLE_QUANTIZER_SETTINGS = ("beta_start", "beta_end", "ba_iters", "entropy_weight", "dead_code_threshold")
-TABLE_METRICS = ("psnr", "perplexity", "usage_rate", "dead_codes")
+TABLE_METRICS = ("psnr", "ssim", "lpips", "rfid", "perplexity", "usage_rate", "dead_codes")
 
 
 def quantizer_keys(name: str) -> Optional[set[str]]:

@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
+import perceptual
 import plumbing
 from plumbing import (Logger, UserError, atomic_write, autocast_dtype, broadcast, chunk_rows, compile_model, ddp_device,
                       ddp_wrap, dist_logsumexp, dist_rank_world, dist_sum_, gather_rows, log_total_rows, nearest_code,
@@ -127,6 +128,11 @@ class Config:
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _f("auto", "autocast dtype (auto: bf16 on CUDA, else fp32)")
     compile: bool = _f(False, "torch.compile the whole model, quantizer included")
+    # perceptual metrics of the test split (perceptual.py; weights: tools/get_metric_weights.py)
+    rfid: Literal["auto", "on", "off"] = _f("auto", "rFID of the reconstructions in the final metrics (auto: on "
+                                                   "CUDA; on a 2-core CPU an evaluation takes minutes)")
+    rfid_every: int = _f(0, "also compute rFID every N epochs (0: at the end only)")
+    lpips: bool = _f(True, "LPIPS (AlexNet) at every validation, where its weights are at hand")
     deterministic: bool = _f(False, "repeatable CUDA runs, bit for bit (deterministic algorithms, cuDNN without "
                                     "autotuning, a fixed cuBLAS workspace; slower); CPU fp32 runs are without it")
     # logging
@@ -167,6 +173,7 @@ class Config:
             (self.latent_dim is None or self.latent_dim >= 1, "latent_dim must be >= 1"),
             (self.wvq_queue_size >= 2, "wvq_queue_size must be >= 2"),
             (self.wvq_codebook_lr > 0, "wvq_codebook_lr must be > 0"),
+            (self.rfid_every >= 0, "rfid_every must be >= 0 (0: at the end only)"),
         ]
         for name in ("commitment_weight", "codebook_weight", "entropy_weight", "weight_decay",
                      "dead_code_threshold", "wasserstein_weight", "wvq_commitment_weight"):
@@ -256,7 +263,7 @@ def resolve_config(config_file: Optional[str], flags: dict) -> Config:
 
 # Fields that may differ when a run is resumed: they change neither the model nor its training trajectory's state.
 RESUMABLE_CHANGES = {"epochs", "log_every", "checkpoint_every", "wandb", "wandb_project", "resume", "overwrite",
-                     "device", "data_dir", "out_dir", "compile", "deterministic"}
+                     "device", "data_dir", "out_dir", "compile", "deterministic", "rfid", "rfid_every", "lpips"}
 
 
 # ################################################################################################################
@@ -1417,6 +1424,41 @@ def code_counts(indices: torch.Tensor, K: int, dtype=torch.float32) -> torch.Ten
     return torch.zeros(K, dtype=dtype, device=flat.device).index_add_(0, flat, torch.ones_like(flat, dtype=dtype))
 
 
+class PerceptualMetrics:
+    """LPIPS and rFID of a validation pass's reconstructions against the real images (perceptual.py). A network whose
+    weights are not at hand is None, and its metric is left out of the records."""
+
+    def __init__(self, lpips_net=None, fid_net=None, real_u8: Optional[torch.Tensor] = None, dataset: str = ""):
+        self.lpips_net, self.fid_net, self.real_u8, self.dataset = lpips_net, fid_net, real_u8, dataset
+
+    def feature_moments(self, device) -> perceptual.FeatureMoments:
+        """Empty moments of the FID network's features (their width read off one blank image)."""
+        with torch.no_grad():
+            width = self.fid_net(torch.zeros(1, 3, 32, 32, dtype=torch.uint8, device=device)).shape[1]
+        return perceptual.FeatureMoments(width, device)
+
+    @classmethod
+    def load(cls, cfg: Config, device: torch.device, real_u8: torch.Tensor, say=print) -> "PerceptualMetrics":
+        """The networks cfg asks for; a missing weight file is one line said, never an error."""
+        lpips_net = fid_net = None
+        if cfg.lpips:
+            lpips_net, line = perceptual.load_lpips(device)
+            if lpips_net is None:
+                say(line)
+        if cfg.rfid == "on" or (cfg.rfid == "auto" and device.type == "cuda"):
+            fid_net, line = perceptual.load_fid_inception(device)
+            if fid_net is None:
+                say(line)
+        return cls(lpips_net, fid_net, real_u8, cfg.dataset)
+
+    def rfid(self, moments: perceptual.FeatureMoments) -> float:
+        """rFID from the reconstructions' feature moments (summed over ranks here) against the real images'."""
+        for t in (moments.n, moments.s1, moments.s2):
+            dist_sum_(t)
+        real = perceptual.real_stats(self.fid_net, self.real_u8, self.dataset, "test")  # cached after the first
+        return perceptual.frechet_distance(*real, *moments.stats())
+
+
 # ################################################################################################################
 # Train / Validate
 # ################################################################################################################
@@ -1485,6 +1527,7 @@ class Trainer:
         train_u8, test_u8 = load_cifar10(cfg)
         self.train_batches = Batches(train_u8, cfg.batch_size, device, True, cfg.seed, rank, world)
         self.val_batches = Batches(test_u8, cfg.batch_size, device, False, rank=rank, world=world)
+        self.perceptual = PerceptualMetrics.load(cfg, device, test_u8, say=print if rank == 0 else lambda line: None)
         self.model = VQVAE(cfg).to(device)
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -1577,7 +1620,9 @@ class Trainer:
     def end_epoch(self, logger: "Logger", t0: float) -> dict:
         """Validate, log the epoch record, print its line, write the checkpoints. Returns the validation metrics."""
         train_means = self.epoch_means()
-        val = validate(self.model, self.val_batches, self.autocast())
+        n = self.epoch + 1
+        rfid = n == self.cfg.epochs or bool(self.cfg.rfid_every and n % self.cfg.rfid_every == 0)
+        val = validate(self.model, self.val_batches, self.autocast(), self.perceptual, rfid)
         bad = [k for k, v in val.items() if not math.isfinite(v)]
         if bad:
             raise NonFiniteError(f"non-finite val/{bad[0]} after epoch {self.epoch + 1} (step {self.step}); "
@@ -1680,17 +1725,21 @@ def epoch_line(epoch: int, epochs: int, train_means: dict, val: dict, report: di
 
 
 @torch.no_grad()
-def validate(model: VQVAE, batches: Batches, autocast=None) -> dict:
+def validate(model: VQVAE, batches: Batches, autocast=None, scorer: Optional[PerceptualMetrics] = None,
+             rfid: bool = False) -> dict:
     """Metrics over the WHOLE validation set, with the discrete (hard-code) model in eval mode; the model's
     train/eval mode is restored afterwards. recon_loss is the MSE of the raw output (the training objective);
     psnr that of the output clamped to the image range [-1, 1], on the [0, 1] scale, from the set's pooled MSE;
-    psnr_per_image the mean of each image's PSNR; ssim the mean SSIM (all of the clamped output)."""
+    psnr_per_image the mean of each image's PSNR; ssim the mean SSIM (all of the clamped output); with a scorer,
+    lpips the mean LPIPS and (rfid) rfid the FID of all reconstructions against the real images."""
     was_training = model.training
     model.eval()
     K = model.quantizer.K
     counts = torch.zeros(K, device=batches.images.device)
     sums: dict[str, torch.Tensor] = {}
     n_images = 0
+    lpips_net = scorer.lpips_net if scorer else None
+    moments = scorer.feature_moments(batches.images.device) if rfid and scorer and scorer.fid_net else None
     for x in batches.epoch(0):
         # every rank runs every batch, even an empty slice of the ragged last one: quantizers may reduce over ranks
         with autocast or torch.autocast(x.device.type, enabled=False):
@@ -1703,6 +1752,10 @@ def validate(model: VQVAE, batches: Batches, autocast=None) -> dict:
         terms["ssim"] = ssim(x, x_hat).mean()
         if x_soft is not None:
             terms["soft_clamped_mse"] = F.mse_loss(x_soft.clamp(-1, 1), x)
+        if lpips_net is not None:
+            terms["lpips"] = perceptual.lpips_per_image(lpips_net, x, x_hat).mean()
+        if moments is not None and len(x):
+            moments.update(scorer.fid_net(x_hat))
         # every scalar the quantizer reports, image-weighted; perplexity and usage are recomputed below from the
         # whole set's histogram, and report() has the last word on its own keys
         terms.update({k: v for k, v in metrics.items() if is_scalar(v)})
@@ -1720,6 +1773,8 @@ def validate(model: VQVAE, batches: Batches, autocast=None) -> dict:
         result["soft_psnr"] = psnr_from_mse(result.pop("soft_clamped_mse"))
     result.update({k: float(v) for k, v in codebook_stats(counts).items()})
     result["dead_codes"] = int(result["dead_codes"])
+    if moments is not None:
+        result["rfid"] = scorer.rfid(moments)
     result.update(model.quantizer.report())
     model.train(was_training)
     return result

@@ -1,4 +1,6 @@
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -7,3 +9,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import baselines  # noqa: E402,F401  (registers simvq, fsq, wasserstein_vq, cvq, as train.py does)
 torch.set_num_threads(2)
+# perceptual metric weights and statistics from a cache of the suite's own, empty: every machine runs the same tests
+# (BAVQ_CACHE set by hand points the tests that use the real weights at them)
+os.environ.setdefault("BAVQ_CACHE", tempfile.mkdtemp(prefix="bavq-cache-"))

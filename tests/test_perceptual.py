@@ -425,3 +425,40 @@ def test_real_fid_inception_matches_torch_fidelity_given_the_same_weights(tmp_pa
     ours = P.inception_features(net, images.float() / 127.5 - 1)
     torch.testing.assert_close(ours, P.inception_features(theirs, images), rtol=0, atol=1e-4)
     assert ours.std(0).mean() > 0.05  # features that vary between images
+
+
+# --------------------------------------------------------------------------------------- in a run: validate / train
+
+def test_a_run_reports_lpips_every_epoch_and_rfid_at_the_end_as_computed_directly(empty_cache, tmp_path, monkeypatch):
+    """Stand-in networks where the weights would be: val/lpips at every validation, val/rfid at the last one (and
+    every rfid_every epochs), each equal to the metric computed from the final model's reconstructions."""
+    import runs
+    import vqvae
+    fid_net, lpips_net = _small_net(), _random_lpips()
+    monkeypatch.setattr(P, "load_fid_inception", lambda device: (fid_net, "stand-in"))
+    monkeypatch.setattr(P, "load_lpips", lambda device: (lpips_net, "stand-in"))
+    cfg = vqvae.make_config({"dataset": "cifar10-sample", "arch": "compact", "codebook_size": 16, "batch_size": 64,
+                             "kmeans_iters": 2, "epochs": 3, "rfid": "on", "rfid_every": 2, "wandb": False,
+                             "device": "cpu", "out_dir": str(tmp_path), "name": "run"})
+    final = vqvae.train(cfg)
+    epochs = [r for r in runs.read_jsonl(tmp_path / "run" / "metrics.jsonl") if "val/psnr" in r]
+    assert all("val/lpips" in r for r in epochs) and ["val/rfid" in r for r in epochs] == [False, True, True]
+    model, _ = vqvae.load_checkpoint(tmp_path / "run" / "final_model.pt")
+    real = vqvae.load_cifar10(cfg)[1]
+    with torch.no_grad():
+        x = real.float() / 127.5 - 1
+        x_hat = torch.cat([model.reconstruct(x[i:i + 64]) for i in range(0, len(x), 64)])
+    assert final["rfid"] == pytest.approx(P.rfid(fid_net, P.feature_stats(P.inception_features(fid_net, real)), x_hat),
+                                          rel=1e-6)
+    assert final["lpips"] == pytest.approx(P.lpips_per_image(lpips_net, x, x_hat).mean().item(), rel=1e-5)
+
+
+def test_a_run_without_the_weights_says_so_in_one_line_each_and_leaves_the_metrics_out(empty_cache, tmp_path,
+                                                                                       capsys):
+    import vqvae
+    final = vqvae.train(vqvae.make_config({"dataset": "cifar10-sample", "arch": "compact", "codebook_size": 16,
+                                           "batch_size": 64, "kmeans_iters": 2, "epochs": 1, "rfid": "on",
+                                           "wandb": False, "device": "cpu", "out_dir": str(tmp_path), "name": "r"}))
+    out = capsys.readouterr().out
+    assert "rfid" not in final and "lpips" not in final and "psnr" in final
+    assert sum(line.startswith(("rfid off", "lpips off")) for line in out.splitlines()) == 2

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 COLUMNS = [("psnr", "hard-code PSNR (dB)", 1, ".2f"), ("psnr_per_image", "per-image PSNR (dB)", 1, ".2f"),
-           ("ssim", "SSIM", 1, ".3f"),
+           ("ssim", "SSIM", 1, ".3f"), ("lpips", "LPIPS", 1, ".4f"), ("rfid", "rFID", 1, ".1f"),
            ("soft_psnr", "soft PSNR (dB, diagnostic)", 1, ".2f"),
            ("usage_rate", "usage (%)", 100, ".1f"), ("perplexity", "perplexity", 1, ".1f"),
            ("dead_codes", "dead codes", 1, ".0f"), ("max_p", "mean max p", 1, ".3f"),
@@ -81,11 +81,12 @@ def summarize(path: str, order: str = "psnr") -> str:
     with open(path) as fh:
         rows = [r for r in csv.DictReader(fh) if r.get("psnr")]
     sweep_dir = Path(path).parent
-    headers = [c[1] for c in COLUMNS] + [STEP_TIME_HEADER]
+    columns = [c for c in COLUMNS if any(r.get(c[0]) not in (None, "") for r in rows)]  # none: a column of dashes
+    headers = [c[1] for c in columns] + [STEP_TIME_HEADER]
     lines = ["| method | seeds | " + " | ".join(headers) + " |", "|---" * (len(headers) + 2) + "|"]
     for name, rs in ordered_groups(rows, order):
         cells = [fmt([float(r[k]) for r in rs if r.get(k) not in (None, "")], scale, spec)
-                 for k, _, scale, spec in COLUMNS]
+                 for k, _, scale, spec in columns]
         cells.append(step_time_cell(rs, sweep_dir))
         lines.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
