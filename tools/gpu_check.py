@@ -14,6 +14,11 @@ Steps, each a subprocess with its own time limit, each allowed to fail without s
                  ba_vq, and the compact arch at K = 16,384 with vq_ema and ba_vq; seconds of each epoch (training
                  and validation), the second being the steady one (the first carries cuDNN autotuning and warm-up)
   deterministic  compact K = 512 vq_ema, 2 epochs, with and without --deterministic: its cost
+  syncs          host syncs per training step on the device (torch.cuda.set_sync_debug_mode counts them), for
+                 every registered quantizer at K = 16,384: the figure tests/test_host_syncs.py pins on the CPU
+  compile        compact K = 16,384 vq_ema and ba_vq, 2 epochs with --compile (beside the epochs step's eager ones)
+  jobs           the leaderboard sweep at 6 epochs of the tiled data (2,382 steps a run) with --jobs N: its wall time
+                 and results.csv
   suite          the whole test suite (python -m pytest -q tests), last, within the time that is left
 Writes <out>/gpu_check.json, <out>/gpu_check.md (the section) and <out>/gpu_check.log, and appends the section to
 BENCHMARKS.md unless --no_append.
@@ -32,7 +37,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("machine", "tests", "bench", "epochs", "deterministic", "suite")
+STEPS = ("machine", "tests", "bench", "epochs", "deterministic", "syncs", "compile", "jobs", "suite")
 COMPACT_16K = ["--arch", "compact", "--codebook_size", "16384", "--dead_code_threshold", "0.03125"]
 EPOCH_RUNS = {  # label -> train.py flags (besides data, epochs, out_dir, name)
     "seed-004 config, vq_ema": ["--config", "config.yaml", "--quantizer", "vq_ema"],
@@ -107,6 +112,31 @@ class Check:
         return {"default": self.train("default", flags), "deterministic": self.train("deterministic",
                                                                                        [*flags, "--deterministic"])}
 
+    def syncs(self) -> dict:
+        code, text, seconds = self.run([sys.executable, "-c", SYNC_PROBE, self.args.device,
+                                        "64" if self.args.quick else "16384"], 300)
+        counts = json.loads(text.strip().splitlines()[-1]) if code == 0 else {"error": text[-800:]}
+        return {"exit_code": code, "seconds": round(seconds, 1), "per_step": counts}
+
+    def compile(self) -> dict:
+        runs = QUICK_RUNS if self.args.quick else {k: v for k, v in EPOCH_RUNS.items() if k.startswith("compact")}
+        return {f"{label}, --compile": self.train(f"{label} compiled", [*flags, "--compile"])
+                for label, flags in runs.items()}
+
+    def jobs(self) -> dict:
+        epochs = "1" if self.args.quick else "6"  # 6 epochs of the tiled subset: 2,382 steps a run
+        out = self.out / "runs" / "sweep"
+        t0 = time.monotonic()
+        code, text, _ = self.run([sys.executable, "train.py", "--sweep", "sweeps/leaderboard.yaml", *self.data_flags(),
+                                  "--epochs", epochs, "--jobs", str(self.args.jobs), "--device", self.args.device,
+                                  "--no_wandb", "--out_dir", str(out)], self.args.jobs_seconds)
+        csv_path = out / "leaderboard" / "results.csv"
+        if csv_path.exists():
+            (self.out / "leaderboard_results.csv").write_text(csv_path.read_text())
+        done = len(list((out / "leaderboard").glob("*/final_metrics.json")))
+        return {"exit_code": code, "wall_s": round(time.monotonic() - t0, 1), "jobs": self.args.jobs,
+                "finished_runs": done, "error": None if code == 0 else text[-800:]}
+
     def suite(self) -> dict:
         code, text, seconds = self.run([sys.executable, "-m", "pytest", "-q", "tests"], 900)
         return {"exit_code": code, "summary": pytest_summary(text), "seconds": round(seconds, 1)}
@@ -123,6 +153,36 @@ class Check:
         epochs = [r for r in records if "epoch_time" in r]
         return {"exit_code": code, "wall_s": round(seconds, 1), "epoch_s": [round(r["epoch_time"], 3) for r in epochs],
                 "psnr": epochs[-1]["val/psnr"] if epochs else None, "error": None if code == 0 else text[-800:]}
+
+
+# host syncs per training step, counted by CUDA's sync debug mode (on the CPU, where nothing syncs: zeros)
+SYNC_PROBE = """
+import json, sys, warnings, tempfile
+from pathlib import Path
+import torch
+sys.path.insert(0, '.')
+import baselines, vqvae
+device, K = torch.device(sys.argv[1]), int(sys.argv[2])
+counts = {}
+for name, cls in sorted(vqvae.QUANTIZERS.items()):
+    cfg = vqvae.make_config({'dataset': 'cifar10-sample', 'arch': 'compact', 'quantizer': name, 'codebook_size': K,
+                             'batch_size': 64, 'dead_code_threshold': 1 / 32, 'wandb': False, 'device': str(device)})
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = vqvae.Trainer(cfg, Path(tmp), device)
+    batches = trainer.train_batches.epoch(0)
+    for _ in range(3):
+        trainer.train_step(next(batches)); trainer.step += 1
+    if device.type == 'cuda':
+        torch.cuda.synchronize(); torch.cuda.set_sync_debug_mode('warn')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        for _ in range(3):
+            trainer.train_step(next(batches)); trainer.step += 1
+    if device.type == 'cuda':
+        torch.cuda.set_sync_debug_mode(0)
+    counts[name] = sum('synchroniz' in str(w.message) for w in caught) / 3
+print(json.dumps(counts))
+"""
 
 
 def pytest_summary(text: str) -> str:
@@ -145,8 +205,14 @@ def markdown(result: dict, command: str) -> str:
         lines.append(f"- bench.py: exit {r['exit_code']}, {r['seconds']} s (JSON in bench.json)")
         for t in r.get("targets", []):
             lines.append(f"  - {t['target']}: {t['ratio']} ({t['status']})")
-    runs = {**result.get("epochs", {}), **{f"deterministic: {k}": v for k, v in result.get("deterministic",
-                                                                                            {}).items()}}
+    if "syncs" in result:
+        lines.append(f"- host syncs per training step (K = 16,384): {result['syncs'].get('per_step')}")
+    if "jobs" in result:
+        r = result["jobs"]
+        lines.append(f"- leaderboard sweep, 2,382 steps a run, --jobs {r['jobs']}: {r['finished_runs']} runs finished "
+                     f"in {r['wall_s']} s (exit {r['exit_code']}; leaderboard_results.csv)")
+    runs = {**result.get("epochs", {}), **result.get("compile", {}),
+            **{f"deterministic: {k}": v for k, v in result.get("deterministic", {}).items()}}
     if runs:
         lines += ["", "| run (2 epochs) | epoch 1 s | epoch 2 s | val PSNR | exit |", "|---|---:|---:|---:|---:|"]
         for label, r in runs.items():
@@ -165,6 +231,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated, of {', '.join(STEPS)}")
     p.add_argument("--quick", action="store_true", help="bundled sample, tiny runs: the script checked in seconds")
     p.add_argument("--budget", type=float, default=540.0, help="seconds for all steps together")
+    p.add_argument("--jobs", type=int, default=8, help="experiments at a time in the jobs step")
+    p.add_argument("--jobs_seconds", type=float, default=420.0, help="time limit of the jobs step")
     p.add_argument("--no_append", action="store_true", help="leave BENCHMARKS.md alone")
     args = p.parse_args(argv)
     unknown = set(args.steps.split(",")) - set(STEPS)
