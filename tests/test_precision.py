@@ -66,19 +66,20 @@ def test_quantizer_is_float32_under_autocast(quantizer):
 
 @pytest.mark.parametrize("quantizer", ["vq_ema", "ba_vq"])
 def test_compiled_model_matches_eager(quantizer):
-    """The whole model compiled in place, quantizer included (aot_eager: Dynamo and AOTAutograd without the C++ code
-    generation, which takes minutes on a small CPU): two training steps give the same outputs, losses, gradients and
-    quantizer state, and the state_dict keys are the same."""
+    """The whole model compiled in place by inductor, quantizer included: three training steps give the outputs,
+    losses, gradients and quantizer state of the eager model, within float32 rounding (BA's losses differ by up to
+    5e-5 relative: reductions in another order). No k-means and no restarts: a compiled model's random draws come
+    from inductor's own generator, so they differ from eager ones (the same method, other random rows)."""
     torch.manual_seed(0)
-    eager = vqvae.VQVAE(vqvae.make_config({**TINY, "quantizer": quantizer}))
+    eager = vqvae.VQVAE(vqvae.make_config({**TINY, "quantizer": quantizer, "kmeans_init": False,
+                                           "dead_code_threshold": 0.0}))
     compiled = copy.deepcopy(eager)
-    assert vqvae.compile_model(compiled, CPU, backend="aot_eager")
+    assert vqvae.compile_model(compiled, CPU, backend="inductor")
     assert compiled.state_dict().keys() == eager.state_dict().keys()
     results = []
     for model in (eager, compiled):
-        torch.manual_seed(1)  # k-means and restarts draw from the same stream
         out = []
-        for step in range(2):
+        for step in range(3):
             x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(step)) * 2 - 1
             x_hat, recon, losses, _ = model(x)
             (recon + sum(losses.values())).backward()
@@ -87,11 +88,11 @@ def test_compiled_model_matches_eager(quantizer):
     (out_e, grad_e, state_e), (out_c, grad_c, state_c) = results
     for a, b in zip(out_c, out_e):
         for u, v in zip(a, b):
-            torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(u, v, rtol=2e-4, atol=1e-6)
     for name, g in grad_e.items():
         torch.testing.assert_close(grad_c[name], g, rtol=1e-4, atol=1e-6, msg=name)
     for name, s in state_e.items():
-        torch.testing.assert_close(state_c[name], s, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(state_c[name], s, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_compile_flag_trains_finite(tmp_path, monkeypatch):
