@@ -462,3 +462,30 @@ def test_a_run_without_the_weights_says_so_in_one_line_each_and_leaves_the_metri
     out = capsys.readouterr().out
     assert "rfid" not in final and "lpips" not in final and "psnr" in final
     assert sum(line.startswith(("rfid off", "lpips off")) for line in out.splitlines()) == 2
+
+
+def test_score_runs_adds_the_metrics_a_run_without_weights_lacks(empty_cache, tmp_path, monkeypatch):
+    import json
+    import vqvae
+    spec = importlib.util.spec_from_file_location("score_runs", ROOT / "tools" / "score_runs.py")
+    score_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(score_runs)
+    cfg = vqvae.make_config({"dataset": "cifar10-sample", "arch": "compact", "codebook_size": 16, "batch_size": 64,
+                             "kmeans_iters": 2, "epochs": 1, "wandb": False, "device": "cpu",
+                             "out_dir": str(tmp_path), "name": "r"})
+    before = vqvae.train(cfg)
+    assert "lpips" not in before and "rfid" not in before  # no weights while it trained
+    fid_net, lpips_net = _small_net(), _random_lpips()
+    monkeypatch.setattr(P, "load_fid_inception", lambda device: (fid_net, "stand-in"))
+    monkeypatch.setattr(P, "load_lpips", lambda device: (lpips_net, "stand-in"))
+    assert score_runs.main([str(tmp_path / "r")]) == 0
+    after = json.loads((tmp_path / "r" / "final_metrics.json").read_text())
+    model, _ = vqvae.load_checkpoint(tmp_path / "r" / "final_model.pt")
+    real = vqvae.load_cifar10(cfg)[1]
+    with torch.no_grad():
+        x = real.float() / 127.5 - 1
+        x_hat = torch.cat([model.reconstruct(x[i:i + 64]) for i in range(0, len(x), 64)])
+    assert after["rfid"] == pytest.approx(P.rfid(fid_net, P.feature_stats(P.inception_features(fid_net, real)), x_hat),
+                                          rel=1e-6)
+    assert after["lpips"] == pytest.approx(P.lpips_per_image(lpips_net, x, x_hat).mean().item(), rel=1e-5)
+    assert {k: v for k, v in after.items() if k not in ("rfid", "lpips", "perceptual_scored_by")} == before
