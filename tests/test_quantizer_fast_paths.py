@@ -10,12 +10,14 @@ import plumbing
 import vqvae
 
 
-def test_chunk_rows_caps_cpu_blocks_only():
+def test_chunk_rows_are_capped_by_each_devices_memory_budget():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
-    assert vqvae.chunk_rows(4096, 512, cpu) == min(4096, vqvae.CPU_CHUNK_ELEMENTS // 512)
-    assert vqvae.chunk_rows(4096, 65536, cpu) * 65536 <= vqvae.CPU_CHUNK_ELEMENTS
+    assert vqvae.chunk_rows(4096, 512, cpu) == min(4096, plumbing.CPU_CHUNK_ELEMENTS // 512)
+    assert vqvae.chunk_rows(4096, 65536, cpu) * 65536 <= plumbing.CPU_CHUNK_ELEMENTS
     assert vqvae.chunk_rows(4096, 10 ** 9, cpu) == 1
-    assert vqvae.chunk_rows(4096, 65536, cuda) == 4096
+    assert vqvae.chunk_rows(4096, 512, cuda) == 4096  # K = 512: the asked rows, 8 MiB a block
+    # K = 65,536: 1,024 rows (256 MiB a block), not 4,096 (1 GiB): a BA step holds a few blocks at once
+    assert vqvae.chunk_rows(4096, 65536, cuda) == 1024 == plumbing.GPU_CHUNK_ELEMENTS // 65536
 
 
 @pytest.mark.parametrize("shape", [(5, 64), (7, 128), (33, 640), (3, 100), (4, 1)])
