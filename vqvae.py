@@ -1527,7 +1527,7 @@ class Trainer:
         train_u8, test_u8 = load_cifar10(cfg)
         self.train_batches = Batches(train_u8, cfg.batch_size, device, True, cfg.seed, rank, world)
         self.val_batches = Batches(test_u8, cfg.batch_size, device, False, rank=rank, world=world)
-        self.perceptual = PerceptualMetrics.load(cfg, device, test_u8, say=print if rank == 0 else lambda line: None)
+        self.perceptual: Optional[PerceptualMetrics] = None  # loaded at the first validation
         self.model = VQVAE(cfg).to(device)
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -1620,6 +1620,9 @@ class Trainer:
     def end_epoch(self, logger: "Logger", t0: float) -> dict:
         """Validate, log the epoch record, print its line, write the checkpoints. Returns the validation metrics."""
         train_means = self.epoch_means()
+        if self.perceptual is None:
+            say = print if self.rank == 0 else (lambda line: None)
+            self.perceptual = PerceptualMetrics.load(self.cfg, self.device, self.val_batches.images, say)
         n = self.epoch + 1
         rfid = n == self.cfg.epochs or bool(self.cfg.rfid_every and n % self.cfg.rfid_every == 0)
         val = validate(self.model, self.val_batches, self.autocast(), self.perceptual, rfid)
