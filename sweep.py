@@ -11,6 +11,9 @@ Sweep file:
       - {name: baseline, key_change: Standard VQ, quantizer: vq_ema}
       - ...
 
+`--table_only` trains nothing and writes results.csv and results.md from the run folders there are (a fresh clone's
+committed records rebuild a table this way).
+
 Precedence: defaults < --config file < base < experiment < command-line flags. A finished experiment
 (final_metrics.json present) is skipped; an interrupted one (last.pt present) is resumed. At the end
 results.csv and results.md summarise every experiment, best PSNR first.
@@ -75,13 +78,16 @@ def experiment_configs(spec: dict, config_file: Optional[str], flags: dict) -> l
     return configs
 
 
-def run_sweep(path: str, config_file: Optional[str] = None, flags: Optional[dict] = None, jobs: int = 1) -> list[dict]:
+def run_sweep(path: str, config_file: Optional[str] = None, flags: Optional[dict] = None, jobs: int = 1,
+              table_only: bool = False) -> list[dict]:
+    """Train the sweep's unfinished experiments (unless table_only), then write results.csv and results.md from
+    every run folder there is."""
     if jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {jobs}")
     spec = read_sweep(path)
     configs = experiment_configs(spec, config_file, flags or {})
     todo = []
-    for i, (_, cfg) in enumerate(configs, 1):
+    for i, (_, cfg) in enumerate([] if table_only else configs, 1):
         run_dir = Path(cfg.out_dir) / cfg.name
         if (run_dir / "final_metrics.json").exists():
             print(f"[{i}/{len(configs)}] {cfg.name}: finished, skipping")
@@ -136,7 +142,8 @@ def collect_results(configs: list[tuple[str, vqvae.Config]]) -> list[dict]:
     unfinished), best PSNR first."""
     rows = []
     for key_change, cfg in configs:
-        run = runs.load_run(Path(cfg.out_dir) / cfg.name)
+        run_dir = Path(cfg.out_dir) / cfg.name
+        run = runs.load_run(run_dir) if (run_dir / "config.yaml").exists() else {"final": None, "records": []}
         rows.append({"experiment": cfg.name, "key_change": key_change, "quantizer": cfg.quantizer,
                      "codebook_size": cfg.codebook_size, "seed": cfg.seed, **{k: None for k in HEADLINE_COLUMNS},
                      **(run["final"] or {}), "wall_time_s": sum(r.get("epoch_time", 0) for r in run["records"])})

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sweep", help="YAML sweep file: base config + named experiments (see sweeps/)")
     parser.add_argument("--jobs", type=int, help="with --sweep: experiments run at a time, each in a process of its "
                                                  "own (default 1)")
+    parser.add_argument("--table_only", action="store_true", help="with --sweep: train nothing; write results.csv "
+                                                                  "and results.md from the runs there are")
     hints = typing.get_type_hints(Config)
     for name, f in vqvae.config_fields().items():
         kind, choices = _flag_type(hints[name])
@@ -74,7 +76,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, dict]:
         options = [o for o in parser._option_string_actions if o.startswith("--")]
         near = difflib.get_close_matches(flag, options, n=1)
         raise UserError(f"unknown flag {flag}" + (f" (did you mean {near[0]}?)" if near else ""))
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "sweep", "jobs")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "sweep", "jobs", "table_only")}
     return args, flags
 
 
@@ -83,9 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         args, flags = parse(sys.argv[1:] if argv is None else argv)
         if getattr(args, "sweep", None):
             from sweep import run_sweep
-            run_sweep(args.sweep, getattr(args, "config", None), flags, getattr(args, "jobs", 1))
-        elif getattr(args, "jobs", None) is not None:
-            raise UserError("--jobs goes with --sweep")
+            run_sweep(args.sweep, getattr(args, "config", None), flags, getattr(args, "jobs", 1),
+                      getattr(args, "table_only", False))
+        elif getattr(args, "jobs", None) is not None or getattr(args, "table_only", False):
+            raise UserError("--jobs and --table_only go with --sweep")
         else:
             vqvae.train(vqvae.resolve_config(getattr(args, "config", None), flags))
     except UserError as err:

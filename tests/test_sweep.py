@@ -104,3 +104,19 @@ def test_jobs_run_experiments_side_by_side_with_the_results_of_one_by_one(tmp_pa
     assert read_results(tmp_path / "two" / "tiny").keys() == {"vq", "ba"}
     stdout = run_sweep_cli(path, tmp_path / "two", "--jobs", "2", env=env)  # the skip rule holds with jobs
     assert "vq: finished, skipping" in stdout and "ba: finished, skipping" in stdout and "done" not in stdout
+
+
+def test_table_only_rebuilds_the_table_from_the_runs_there_are_and_trains_nothing(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY_SWEEP))
+    run_sweep_cli(path, tmp_path, "--epochs", "1")
+    sweep_dir = tmp_path / "tiny"
+    (sweep_dir / "results.csv").unlink()
+    for name in ("final_model.pt", "last.pt", "checkpoint_epoch1.pt"):  # a fresh clone holds the small records only
+        (sweep_dir / "vq" / name).unlink(missing_ok=True)
+    import shutil
+    shutil.rmtree(sweep_dir / "ba")  # an experiment never run
+    stdout = run_sweep_cli(path, tmp_path, "--table_only")
+    assert "starting" not in stdout and not (sweep_dir / "ba").exists()
+    results = read_results(sweep_dir)
+    assert results["vq"]["psnr"] and not results["ba"]["psnr"]  # the missing run is a row without metrics
