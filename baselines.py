@@ -19,16 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vqvae import (Config, Quantized, Quantizer, UserError, code_counts, dist_sum_, gather_rows, nearest_code,
-                   register_quantizer, vq_losses)
-
-
-def _drop_keys(*names: str):
-    """A load_state_dict pre-hook that drops buffers a class no longer has, so its older checkpoints still load."""
-    def hook(state, prefix, *args):
-        for name in names:
-            state.pop(prefix + name, None)
-    return hook
+from vqvae import (Config, Quantized, Quantizer, UserError, code_counts, dist_sum_, drop_state_keys, gather_rows,
+                   nearest_code, register_quantizer, vq_losses)
 
 
 # ################################################################################################################
@@ -296,7 +288,7 @@ class WassersteinVQQuantizer(Quantizer):
         self.register_buffer("queue", self.INIT_STD * torch.randn(params.wvq_queue_size, dim))  # (S, D) ring
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))  # the next row to overwrite
         # checkpoints from when it shared VQ-EMA's codebook machinery and counted its queue's rows
-        self._register_load_state_dict_pre_hook(_drop_keys("ema_count", "ema_sum", "initialized", "queue_len"))
+        self._register_load_state_dict_pre_hook(drop_state_keys("ema_count", "ema_sum", "initialized", "queue_len"))
 
     def codes(self, idx: torch.Tensor) -> torch.Tensor:
         return self.codebook[idx]
@@ -369,7 +361,7 @@ class CVQQuantizer(Quantizer):
         self.codebook = nn.Parameter(torch.empty(self.K, dim).uniform_(-1.0 / self.K, 1.0 / self.K))
         self.register_buffer("usage", torch.zeros(self.K))  # P (K,)
         # checkpoints from when it shared VQ-EMA's codebook machinery
-        self._register_load_state_dict_pre_hook(_drop_keys("ema_count", "ema_sum", "initialized"))
+        self._register_load_state_dict_pre_hook(drop_state_keys("ema_count", "ema_sum", "initialized"))
 
     @classmethod
     def upgrade_config(cls, config: dict) -> dict:

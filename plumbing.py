@@ -86,7 +86,6 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-
 def dist_rank_world() -> tuple[int, int]:
     """(rank, world size) of this process; under torchrun (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment)
     the process group is started here: gloo for CPU tensors, and NCCL for CUDA tensors where CUDA is present."""
@@ -204,7 +203,6 @@ def log_total_rows(n: int, device) -> float | torch.Tensor:
     if world_size() == 1:
         return math.log(n)
     return dist_sum_(torch.tensor(float(n), device=device)).log()
-
 
 
 # ################################################################################################################

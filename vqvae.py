@@ -488,8 +488,8 @@ class Quantizer(nn.Module):
             q = self.quantize(e)
             out = self.decoder_input(e, q.z_q)
             stats = codebook_stats(code_counts(q.idx, self.K))  # the batch's perplexity and usage
-            metrics = {"code_indices": q.idx.reshape(z.shape[0], z.shape[2], z.shape[3]), "perplexity":
-                       stats["perplexity"], "usage_rate": stats["usage_rate"], **q.metrics}
+            metrics = {"code_indices": q.idx.reshape(z.shape[0], z.shape[2], z.shape[3]),
+                       "perplexity": stats["perplexity"], "usage_rate": stats["usage_rate"], **q.metrics}
         if "z_soft" in metrics:
             metrics["z_soft"] = self._unflatten(metrics["z_soft"], z)
         return self._unflatten(out, z).to(z.dtype), q.losses, metrics
@@ -532,7 +532,6 @@ class Quantizer(nn.Module):
     def _unflatten(v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         B, D, H, W = z.shape
         return v.reshape(B, H, W, D).permute(0, 3, 1, 2)
-
 
 
 def vq_losses(e: torch.Tensor, z_q: torch.Tensor, commitment_weight: float,
