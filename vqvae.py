@@ -1423,41 +1423,6 @@ def code_counts(indices: torch.Tensor, K: int, dtype=torch.float32) -> torch.Ten
     return torch.zeros(K, dtype=dtype, device=flat.device).index_add_(0, flat, torch.ones_like(flat, dtype=dtype))
 
 
-class PerceptualMetrics:
-    """LPIPS and rFID of a validation pass's reconstructions against the real images (perceptual.py). A network whose
-    weights are not at hand is None, and its metric is left out of the records."""
-
-    def __init__(self, lpips_net=None, fid_net=None, real_u8: Optional[torch.Tensor] = None, dataset: str = ""):
-        self.lpips_net, self.fid_net, self.real_u8, self.dataset = lpips_net, fid_net, real_u8, dataset
-
-    def feature_moments(self, device) -> perceptual.FeatureMoments:
-        """Empty moments of the FID network's features (their width read off one blank image)."""
-        with torch.no_grad():
-            width = self.fid_net(torch.zeros(1, 3, 32, 32, dtype=torch.uint8, device=device)).shape[1]
-        return perceptual.FeatureMoments(width, device)
-
-    @classmethod
-    def load(cls, cfg: Config, device: torch.device, real_u8: torch.Tensor, say=print) -> "PerceptualMetrics":
-        """The networks cfg asks for; a missing weight file is one line said, never an error."""
-        lpips_net = fid_net = None
-        if cfg.lpips:
-            lpips_net, line = perceptual.load_lpips(device)
-            if lpips_net is None:
-                say(line)
-        if cfg.rfid == "on" or (cfg.rfid == "auto" and device.type == "cuda"):
-            fid_net, line = perceptual.load_fid_inception(device)
-            if fid_net is None:
-                say(line)
-        return cls(lpips_net, fid_net, real_u8, cfg.dataset)
-
-    def rfid(self, moments: perceptual.FeatureMoments) -> float:
-        """rFID from the reconstructions' feature moments (summed over ranks here) against the real images'."""
-        for t in (moments.n, moments.s1, moments.s2):
-            dist_sum_(t)
-        real = perceptual.real_stats(self.fid_net, self.real_u8, self.dataset, "test")  # cached after the first
-        return perceptual.frechet_distance(*real, *moments.stats())
-
-
 # ################################################################################################################
 # Train / Validate
 # ################################################################################################################
@@ -1526,7 +1491,7 @@ class Trainer:
         train_u8, test_u8 = load_cifar10(cfg)
         self.train_batches = Batches(train_u8, cfg.batch_size, device, True, cfg.seed, rank, world)
         self.val_batches = Batches(test_u8, cfg.batch_size, device, False, rank=rank, world=world)
-        self.perceptual: Optional[PerceptualMetrics] = None  # loaded at the first validation
+        self.perceptual: Optional[perceptual.PerceptualMetrics] = None  # loaded at the first validation
         self.model = VQVAE(cfg).to(device)
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -1621,7 +1586,7 @@ class Trainer:
         train_means = self.epoch_means()
         if self.perceptual is None:
             say = print if self.rank == 0 else (lambda line: None)
-            self.perceptual = PerceptualMetrics.load(self.cfg, self.device, self.val_batches.images, say)
+            self.perceptual = perceptual.PerceptualMetrics.load(self.cfg, self.device, self.val_batches.images, say)
         n = self.epoch + 1
         rfid = n == self.cfg.epochs or bool(self.cfg.rfid_every and n % self.cfg.rfid_every == 0)
         val = validate(self.model, self.val_batches, self.autocast(), self.perceptual, rfid)
@@ -1727,7 +1692,7 @@ def epoch_line(epoch: int, epochs: int, train_means: dict, val: dict, report: di
 
 
 @torch.no_grad()
-def validate(model: VQVAE, batches: Batches, autocast=None, scorer: Optional[PerceptualMetrics] = None,
+def validate(model: VQVAE, batches: Batches, autocast=None, scorer: Optional[perceptual.PerceptualMetrics] = None,
              rfid: bool = False) -> dict:
     """Metrics over the WHOLE validation set, with the discrete (hard-code) model in eval mode; the model's
     train/eval mode is restored afterwards. recon_loss is the MSE of the raw output (the training objective);

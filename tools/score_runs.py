@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import baselines  # noqa: E402,F401  (registers simvq, fsq, wasserstein_vq, cvq)
+import perceptual  # noqa: E402
 import vqvae  # noqa: E402
 
 
@@ -29,7 +30,7 @@ def score_run(run_dir: Path, data_dir: str | None, rfid: bool, device: torch.dev
     cfg = vqvae.make_config({**state["config"], **({"data_dir": data_dir} if data_dir else {}),
                              "rfid": "on" if rfid else "off"})
     test_u8 = vqvae.load_cifar10(cfg)[1]
-    scorer = vqvae.PerceptualMetrics.load(cfg, device, test_u8)
+    scorer = perceptual.PerceptualMetrics.load(cfg, device, test_u8)
     batches = vqvae.Batches(test_u8, cfg.batch_size, device, shuffle=False)  # the run's batches, as validation's
     result = vqvae.validate(model, batches, None, scorer, rfid=rfid)
     return {k: result[k] for k in ("lpips", "rfid") if k in result}
