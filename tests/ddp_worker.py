@@ -47,6 +47,9 @@ def main(out: str, configs_json: str, steps: str):
     for i, overrides in enumerate(json.loads(configs_json)):
         result = run(vqvae.make_config(overrides), int(steps), rank, world)
         torch.save({**result, "world": world}, Path(out) / f"rank{rank}_{i}.pt")
+    if torch.distributed.is_initialized():  # a rank leaving with the group up can abort ("terminate called ...")
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from helpers import as_if_killed_after_epoch_1
 DEVICE = torch.device(os.environ.get("BAVQ_TEST_DEVICE", "cuda"))
 pytestmark = pytest.mark.skipif(
     DEVICE.type == "cuda" and not torch.cuda.is_available(),
-    reason="no CUDA device here: these tests run on a GPU machine (tools/gpu_check.sh runs them first)")
+    reason="no CUDA device here: these tests run on a GPU machine (python tools/gpu_check.py runs them first)")
 SAMPLE = {"dataset": "cifar10-sample", "arch": "compact", "latent_dim": 16, "codebook_size": 32, "batch_size": 64,
           "kmeans_iters": 2, "wandb": False, "device": str(DEVICE), "epochs": 2, "checkpoint_every": 1}
 # float32 on the device against float64 on the CPU, relative to each tensor's largest entry: the H200 measurement
