@@ -65,9 +65,6 @@ class SimVQQuantizer(Quantizer):
     def codebook(self) -> torch.Tensor:
         return self.linear(self.basis)  # (K, D) = C W + b
 
-    def codes(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.codebook[idx]
-
     def quantize(self, e: torch.Tensor) -> Quantized:
         C = self.codebook  # (K, D), differentiable in W and b
         with torch.no_grad():
@@ -290,9 +287,6 @@ class WassersteinVQQuantizer(Quantizer):
         # checkpoints from when it shared VQ-EMA's codebook machinery and counted its queue's rows
         self._register_load_state_dict_pre_hook(drop_state_keys("ema_count", "ema_sum", "initialized", "queue_len"))
 
-    def codes(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.codebook[idx]
-
     def param_groups(self) -> list[dict]:
         return [{"params": [self.codebook], "lr": self.hp.wvq_codebook_lr, "betas": self.CODEBOOK_BETAS,
                  "weight_decay": 0.0, "max_grad_norm": self.CODEBOOK_MAX_GRAD_NORM}]
@@ -367,9 +361,6 @@ class CVQQuantizer(Quantizer):
     def upgrade_config(cls, config: dict) -> dict:
         config.setdefault("cvq_distance", "l2")  # saved before the option existed: CVQ then looked up by L2
         return config
-
-    def codes(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.codebook[idx]
 
     def closest(self, x: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
         """For each row of x, the index of the row of C closest to it (cosine similarity or Euclidean distance)."""

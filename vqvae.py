@@ -509,7 +509,9 @@ class Quantizer(nn.Module):
         return {}
 
     def codes(self, idx: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Rows of the quantizer's (K, D) `codebook` (a parameter, buffer or property); a method without one
+        overrides this."""
+        return self.codebook[idx]
 
     def param_groups(self) -> list[dict]:
         return []
@@ -613,9 +615,6 @@ class CodebookQuantizer(Quantizer):
         self.register_buffer("initialized", torch.tensor(False))
         self._initialized = None
         self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_initialized", None))
-
-    def codes(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.codebook[idx]
 
     def needs_init(self) -> bool:
         if self._initialized is None:
@@ -1250,13 +1249,15 @@ class BAQuantizer(CodebookQuantizer):
         metrics = {}
         if hp.ba_topk:
             rows = e.detach()[::self.TOPK_PROBE_STRIDE] if self.training else e.detach()
-            dropped = topk_dropped_mass(rows, C.detach(), log_Q0, beta, hp.ba_topk, hp.chunk_size) * len(rows)
-            # the mean over all ranks' rows (a ragged validation batch splits unevenly); every rank takes one branch
-            n = dist_sum_(torch.tensor(float(len(rows)), device=e.device))
-            metrics["topk_dropped"] = dist_sum_(dropped) / n.clamp_min(1)
+            dropped = topk_dropped_mass(rows, C.detach(), log_Q0, beta, hp.ba_topk, hp.chunk_size)
+            if world_size() > 1:  # the mean over all ranks' rows (a ragged validation batch splits unevenly)
+                n = dist_sum_(torch.full((), float(len(rows)), device=e.device))
+                dropped = dist_sum_(dropped * len(rows)) / n.clamp_min(1)  # every rank then takes one branch
+            metrics["topk_dropped"] = dropped
             if self.training:
-                truncate = self._may_truncate(metrics["topk_dropped"])
-                metrics["topk_exact"] = torch.tensor(0.0 if truncate else 1.0, device=e.device)
+                truncate = self._may_truncate(dropped)
+                # fills, not torch.tensor(..., device), whose copy to a GPU waits for it
+                metrics["topk_exact"] = torch.full((), 0.0 if truncate else 1.0, device=e.device)
                 if truncate:
                     return ba_assign_topk(e, C, log_Q0, beta, hp.ba_topk, hp.chunk_size, want_sums=ema,
                                           want_z=want_z), metrics

@@ -429,6 +429,18 @@ def test_real_fid_inception_matches_torch_fidelity_given_the_same_weights(tmp_pa
 
 # --------------------------------------------------------------------------------------- in a run: validate / train
 
+def _scores_computed_directly(run_dir, cfg, fid_net, lpips_net) -> tuple[float, float]:
+    """(rFID, mean LPIPS) of the run's final model on the test split, computed here from its reconstructions."""
+    import vqvae
+    model, _ = vqvae.load_checkpoint(run_dir / "final_model.pt")
+    real = vqvae.load_cifar10(cfg)[1]
+    with torch.no_grad():
+        x = real.float() / 127.5 - 1
+        x_hat = torch.cat([model.reconstruct(x[i:i + 64]) for i in range(0, len(x), 64)])
+    rfid = P.rfid(fid_net, P.feature_stats(P.inception_features(fid_net, real)), x_hat)
+    return rfid, P.lpips_per_image(lpips_net, x, x_hat).mean().item()
+
+
 def test_a_run_reports_lpips_every_epoch_and_rfid_at_the_end_as_computed_directly(empty_cache, tmp_path, monkeypatch):
     """Stand-in networks where the weights would be: val/lpips at every validation, val/rfid at the last one (and
     every rfid_every epochs), each equal to the metric computed from the final model's reconstructions."""
@@ -443,14 +455,8 @@ def test_a_run_reports_lpips_every_epoch_and_rfid_at_the_end_as_computed_directl
     final = vqvae.train(cfg)
     epochs = [r for r in runs.read_jsonl(tmp_path / "run" / "metrics.jsonl") if "val/psnr" in r]
     assert all("val/lpips" in r for r in epochs) and ["val/rfid" in r for r in epochs] == [False, True, True]
-    model, _ = vqvae.load_checkpoint(tmp_path / "run" / "final_model.pt")
-    real = vqvae.load_cifar10(cfg)[1]
-    with torch.no_grad():
-        x = real.float() / 127.5 - 1
-        x_hat = torch.cat([model.reconstruct(x[i:i + 64]) for i in range(0, len(x), 64)])
-    assert final["rfid"] == pytest.approx(P.rfid(fid_net, P.feature_stats(P.inception_features(fid_net, real)), x_hat),
-                                          rel=1e-6)
-    assert final["lpips"] == pytest.approx(P.lpips_per_image(lpips_net, x, x_hat).mean().item(), rel=1e-5)
+    rfid, lpips = _scores_computed_directly(tmp_path / "run", cfg, fid_net, lpips_net)
+    assert final["rfid"] == pytest.approx(rfid, rel=1e-6) and final["lpips"] == pytest.approx(lpips, rel=1e-5)
 
 
 def test_a_run_without_the_weights_says_so_in_one_line_each_and_leaves_the_metrics_out(empty_cache, tmp_path,
@@ -480,12 +486,6 @@ def test_score_runs_adds_the_metrics_a_run_without_weights_lacks(empty_cache, tm
     monkeypatch.setattr(P, "load_lpips", lambda device: (lpips_net, "stand-in"))
     assert score_runs.main([str(tmp_path / "r")]) == 0
     after = json.loads((tmp_path / "r" / "final_metrics.json").read_text())
-    model, _ = vqvae.load_checkpoint(tmp_path / "r" / "final_model.pt")
-    real = vqvae.load_cifar10(cfg)[1]
-    with torch.no_grad():
-        x = real.float() / 127.5 - 1
-        x_hat = torch.cat([model.reconstruct(x[i:i + 64]) for i in range(0, len(x), 64)])
-    assert after["rfid"] == pytest.approx(P.rfid(fid_net, P.feature_stats(P.inception_features(fid_net, real)), x_hat),
-                                          rel=1e-6)
-    assert after["lpips"] == pytest.approx(P.lpips_per_image(lpips_net, x, x_hat).mean().item(), rel=1e-5)
+    rfid, lpips = _scores_computed_directly(tmp_path / "r", cfg, fid_net, lpips_net)
+    assert after["rfid"] == pytest.approx(rfid, rel=1e-6) and after["lpips"] == pytest.approx(lpips, rel=1e-5)
     assert {k: v for k, v in after.items() if k not in ("rfid", "lpips", "perceptual_scored_by")} == before
