@@ -86,6 +86,8 @@ class Config:
     ba_iters: int = _f(1, "BA: E-M iterations per forward pass")
     ba_topk: int = _f(0, "BA: in training, keep each latent's ba_topk most likely codes (0: all K, exact); a step "
                          "whose dropped probability mass exceeds ba_topk_max_drop runs exact")
+    ba_memory_mib: int = _f(1024, "BA: memory its E-M pass may hold for (rows, K) blocks and, where they fit beside "
+                                  "them, the logits kept for the backward (else formed again: one more GEMM)")
     ba_topk_max_drop: float = _f(1e-3, "BA: largest mean probability mass a top-k step may drop (measured every step "
                                        "on every 8th latent, logged as topk_dropped)")
     ba_forward: Literal["hard", "soft"] = _f("hard", "BA: decoder sees the hard code (straight-through to e, p "
@@ -159,6 +161,7 @@ class Config:
             (self.ba_topk == 0 or self.ba_iters == 1, "ba_topk needs ba_iters 1 (the top codes are those of the "
                                                       "one E-step's logits)"),
             (0 <= self.ba_topk_max_drop <= 1, "ba_topk_max_drop must be in [0, 1]"),
+            (self.ba_memory_mib >= 1, "ba_memory_mib must be >= 1"),
             (0 < self.decay < 1, "decay must be in (0, 1)"),
             (self.epsilon > 0, "epsilon must be > 0"),
             (self.beta_start > 0, "beta_start must be > 0"),
@@ -766,9 +769,9 @@ class BAResult(typing.NamedTuple):
 
 
 def ba_assign_direct(e, C, log_Q0, beta, iters: int, chunk=None, want_sums: bool = False, want_z: bool = True,
-                     cache_limit=None) -> BAResult:
+                     memory=None) -> BAResult:
     """The E-M pass written plainly with an (N, K) distance matrix; autograd does the backward. The specification
-    of `ba_assign` (same arguments, chunk and cache_limit unused) and its reference in tests and bench.py:
+    of `ba_assign` (same arguments, chunk and memory unused) and its reference in tests and bench.py:
 
         p_t(k|e_n) = softmax_k(log Q_{t-1}(k) - beta ||e_n - c_k||^2),   log Q_t = log mean_n p_t(.|e_n),  t = 1..T
     """
@@ -788,12 +791,42 @@ def entropy_from_log(log_Q: torch.Tensor) -> torch.Tensor:
 
 
 def ba_assign(e, C, log_Q0, beta, iters: int, chunk: int, want_sums: bool = False, want_z: bool = True,
-              cache_limit: int = 1 << 26) -> BAResult:
-    """`ba_assign_direct`, chunked (at most (chunk, K) held at a time) with a hand-written backward. beta: a float or
-    a 0-d tensor (the training step's, so it never leaves the device). want_z=False skips the soft mixture (a
-    (chunk, K) x (K, D) GEMM per chunk) and returns z_soft empty (0, D): a decoder fed hard codes never reads it."""
+              memory: int = 1 << 30) -> BAResult:
+    """`ba_assign_direct`, in blocks of rows with a hand-written backward, within `memory` bytes (`ba_plan`). beta: a
+    float or a 0-d tensor (the training step's, so it never leaves the device). want_z=False skips the soft mixture
+    (a (rows, K) x (K, D) GEMM per block) and returns z_soft empty (0, D): a decoder fed hard codes never reads it."""
     beta = torch.as_tensor(beta, dtype=e.dtype, device=e.device)
-    return BAResult(*_BAAssign.apply(e, C, log_Q0, beta, int(iters), int(chunk), want_sums, cache_limit, want_z))
+    return BAResult(*_BAAssign.apply(e, C, log_Q0, beta, int(iters), int(chunk), want_sums, int(memory), want_z))
+
+
+LIVE_BLOCKS = 6  # (rows, K) temporaries a BA block holds at once at most: the backward's logits, their clamped copy
+# (until softmax returns), p, dL/dl, and the underflowing columns' logits and terms (<= K columns each)
+
+
+def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_k a_nk b_nk (N,) as a batched dot product: no (N, K) product is ever held."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def ba_plan(N: int, K: int, iters: int, chunk: int, device, elem: int, memory: int, grad: bool) -> tuple[int, bool]:
+    """(rows per block, keep): blocks of at most `chunk` rows (and the device's cache-sized cap, `chunk_rows`) with
+    LIVE_BLOCKS of them within `memory` bytes. The forward keeps every iteration's logits for the backward when they
+    take at most half of it (blocks get the rest), else the backward forms them again (a GEMM and a row max per
+    block). Either way the
+    backward's p comes from the same operations on the same logits, so both give the same bits."""
+    kept = iters * N * K * elem
+    keep = grad and kept <= memory // 2  # then blocks get the other half at least
+    room = memory - kept if keep else memory
+    return max(1, min(N, chunk_rows(chunk, K, device), room // (LIVE_BLOCKS * K * elem))), keep
+
+
+def exp_floor(dtype) -> float:
+    """Shifted logits (<= 0) are clamped here before the softmax: exp() of anything lower lands under the smallest
+    normal float, where CPU exp leaves its fast path (10-80x slower; at a sharp beta most entries are there). A
+    clamped entry becomes e x the smallest normal instead of a subnormal or 0: at most 3e-38 (float32) in p, which
+    matters only to sums of such terms, and `_log_colsum` takes every column that small in log space, from the
+    unclamped logits."""
+    return math.log(torch.finfo(dtype).tiny) + 1.0
 
 
 class _BAAssign(torch.autograd.Function):
@@ -803,7 +836,7 @@ class _BAAssign(torch.autograd.Function):
                   log Q_t = log sum_n p_t - log N  (the M-step: column sums accumulated chunk by chunk, in log space
                   for columns whose sum underflows, `_log_colsum`).
     Outputs as BAResult (statistics, counts, sums and max p carry no gradient; H_p does). Backward recomputes each
-    chunk (or reuses it when all chunks fit `cache_limit` elements) and runs `_BAIteration.backward` from the last
+    chunk's logits (or reuses those the forward kept, `ba_plan`) and runs `_BAIteration.backward` from the last
     iteration to the first, so the gradient flows through every log Q_{t-1} as autograd's would through the direct
     formula.
 
@@ -814,12 +847,12 @@ class _BAAssign(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, e, C, log_Q0, beta, iters, chunk, want_sums, cache_limit, want_z):
+    def forward(ctx, e, C, log_Q0, beta, iters, chunk, want_sums, memory, want_z):
         ctx.set_materialize_grads(False)  # an output nobody used (z with hard codes) gets no adjoint, and no GEMM
         N, K = len(e), len(C)
-        chunk = chunk_rows(chunk, K, e.device)
+        chunk, cache = ba_plan(N, K, iters, chunk, e.device, e.element_size(), memory, any(ctx.needs_input_grad[:2]))
+        floor = exp_floor(e.dtype)
         c_sq = (C * C).sum(1)  # (K,)
-        cache = any(ctx.needs_input_grad[:2]) and N * K * iters <= cache_limit
         log_Qs, saved, lse_cs, unders = [log_Q0], [[] for _ in range(iters)], [], []
         z = e.new_empty(len(e) if want_z else 0, C.shape[1])  # (N, D)
         idx = torch.empty(N, dtype=torch.long, device=e.device)
@@ -839,10 +872,10 @@ class _BAAssign(torch.autograd.Function):
                 logits = e1[rows] @ W.t()  # (chunk, K)
                 top, arg = row_argmax(logits) if last else (logits.amax(1), None)  # (chunk,)
                 logits.sub_(top[:, None])  # (chunk, K) l - max l <= 0
-                p = torch.softmax(logits, dim=1)  # (chunk, K)
-                col += p.sum(0)
                 if cache:
-                    saved[t].append(p)
+                    saved[t].append(logits)
+                p = torch.softmax(logits.clamp(min=floor), dim=1)  # (chunk, K)
+                col += p.sum(0)
                 max_p = p.amax(1)  # (chunk,) = exp(0 - lse_c): the row logsumexp from a fast reduction
                 lse_c[rows], top_all[rows] = -max_p.log(), top
                 if last:
@@ -851,14 +884,15 @@ class _BAAssign(torch.autograd.Function):
                     idx[rows] = arg
                     if want_sums:
                         sums.addmm_(p.t(), e[rows])
-                    H_sum += (lse_c[rows] - (p * logits).sum(1)).sum()  # H(p_n) = lse_n - sum_k p_nk l_nk
+                    H_sum += (lse_c[rows] - row_dot(p, logits)).sum()  # H(p_n) = lse_n - sum_k p_nk l_nk
                     max_p_sum += max_p.sum()
+                del logits, p  # before the next block's are made: LIVE_BLOCKS counts one block's
             log_colsum, under = _log_colsum(col, e1, W, top_all + lse_c, chunk)
             log_Qs.append(dist_logsumexp(log_colsum) - log_N)
             lse_cs.append(lse_c)
             unders.append(under)
         ctx.save_for_backward(e, C, z, beta, *log_Qs, *lse_cs)
-        ctx.saved_p = saved if cache else None
+        ctx.saved_logits = saved if cache else None
         ctx.cfg = (iters, chunk, log_N, unders)
         counts = log_Qs[-1].exp() * N
         # H_p and max p are means over this rank's rows: DDP's mean over ranks makes them the global batch's
@@ -877,7 +911,7 @@ class _BAAssign(torch.autograd.Function):
         g_lq = dist_sum_(g_logQ.clone() if g_logQ is not None else torch.zeros_like(log_Qs[-1]))
         for t in reversed(range(iters)):
             it = _BAIteration(e, C, log_Qs[t], log_Qs[t + 1], lse_cs[t], log_N, beta, chunk, unders[t],
-                              ctx.saved_p[t] if ctx.saved_p is not None else None)
+                              ctx.saved_logits[t] if ctx.saved_logits is not None else None)
             last = t == iters - 1  # z = p_T C and H_p carry gradient to the last iteration only
             g_lq = it.backward(g_z if last else None, z, g_lq, g_e, g_C, want_prev=t > 0,
                                g_H=g_H if last else None)  # None when H_p was not used
@@ -918,11 +952,11 @@ class _BAIteration:
     beta: torch.Tensor  # () in squared latent units
     chunk: int
     under: Optional[torch.Tensor]  # (n_under,) the columns whose Q_t underflowed in the forward, or None
-    saved_p: Optional[list[torch.Tensor]]  # this iteration's p, chunk by chunk, when forward kept them
+    saved_logits: Optional[list[torch.Tensor]]  # this iteration's l - max l, block by block, when forward kept them
 
     def backward(self, g_z, z, g_q, g_e, g_C, want_prev: bool, g_H=None) -> torch.Tensor:
         """Adds this iteration's share to g_e (N, D) and g_C (K, D) in place; returns dL/dlog Q_{t-1} (K,)."""
-        e, C, under = self.e, self.C, self.under
+        e, C, under, floor = self.e, self.C, self.under, exp_floor(self.e.dtype)
         W = _ba_logit_weights(C, (C * C).sum(1), self.log_Q_prev, self.beta)  # (K, D+1)
         e1 = with_ones(e)  # (N, D+1)
         w = g_q * torch.exp(-self.log_Q - self.log_N)  # (K,)
@@ -934,22 +968,23 @@ class _BAIteration:
         C2, e2 = (2 * self.beta) * C, (2 * self.beta) * e  # dL/de = 2 beta dL/dl C, and so on
         g_q_prev = torch.zeros_like(g_q)
         for j, s in enumerate(range(0, len(e), self.chunk)):
-            rows = slice(s, s + self.chunk)
-            logits = None  # (chunk, K) l - max l, as in the forward
-            if self.saved_p is None or h is not None or under is not None:
-                logits = e1[rows] @ W.t()
+            rows, arg, a = slice(s, s + self.chunk), None, None
+            if self.saved_logits is not None:
+                logits = self.saved_logits[j]  # (chunk, K) l - max l, from the forward
+            else:
+                logits = e1[rows] @ W.t()  # formed again as in the forward
                 logits.sub_(logits.amax(1, keepdim=True))
-            p = self.saved_p[j] if self.saved_p is not None else torch.softmax(logits, dim=1)  # (chunk, K)
+            p = torch.softmax(logits.clamp(min=floor), dim=1)  # (chunk, K), the forward's operations: its bits
             r = p @ w  # (chunk,)
             if g_z is not None:
                 r += (g_z[rows] * z[rows]).sum(1)
             if under is not None:
                 # log p - log Q - log N <= 0 (p_nk <= N Q_k); below -87 exp leaves its fast path for a result
                 # under 1e-38, so the clamp changes nothing that float32 holds
-                arg = logits.index_select(1, under) - self.lse_c[rows, None] - (self.log_Q[under] + self.log_N)
+                arg = logits.index_select(1, under).sub_(self.lse_c[rows, None]).sub_(self.log_Q[under] + self.log_N)
                 a = g_q[under] * arg.clamp_(min=-87.0).exp_()  # (chunk, n_under) p_nk w_k
                 r += a.sum(1)
-            s_row = -r if h is None else (p * logits).sum(1).mul_(h).sub_(r)  # (chunk,)
+            s_row = -r if h is None else row_dot(p, logits).mul_(h).sub_(r)  # (chunk,)
             if g_z is not None:
                 left = torch.cat([g_z[rows], s_row[:, None], torch.ones_like(s_row)[:, None]], 1)
                 g_l = left @ right.t()  # (chunk, K) G + w + s
@@ -969,6 +1004,7 @@ class _BAIteration:
                     g_C.addmm_(p.t(), g_z[rows])
                 g_C.addmm_(g_l.t(), e2[rows])
                 g_C.sub_(col[:, None] * C2)
+            del logits, p, g_l, arg, a  # before the next block's are made: LIVE_BLOCKS counts one block's
         return g_q_prev
 
 
@@ -982,12 +1018,13 @@ def _ba_logit_weights(C, c_sq, log_Q, beta):
 def _log_colsum(col, e1, W, lse_row, chunk) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(log sum_n p_nk (K,), the underflowing columns or None): from the linear column sums `col` (K,), and in log
     space (logsumexp) for the columns whose sum underflows, so log Q stays finite even at beta = 1e4. A column counts
-    as underflowing when all its terms may be subnormal (sum < N x smallest normal), where float32 keeps too few
-    digits (a sum stored as 2.8e-45 was 13% off); above that the subnormal terms' rounding is below 1e-7 of the sum.
+    as underflowing when its terms may sit at the forward's clamp (`exp_floor`) or below, i.e. sum < N exp(floor) /
+    eps: where float32 keeps too few digits (a sum stored as 2.8e-45 was 13% off), and where the clamped terms (each
+    off by at most exp(floor)) could move the sum by more than its last digit; above that they cannot.
     Those columns' logits are formed again (a GEMM of N x (their number)), log p = logits - lse_row. Whether there
     are any is the one host read of an exact BA step (their number sets the shapes that follow)."""
     out = col.log()
-    under = col < torch.finfo(col.dtype).tiny * len(e1)
+    under = col < len(e1) * math.exp(exp_floor(col.dtype)) / torch.finfo(col.dtype).eps
     if not bool(under.any()):
         return out, None
     cols = under.nonzero().squeeze(1)
@@ -1097,7 +1134,8 @@ def topk_dropped_mass(e, C, log_Q0, beta, k: int, chunk: int) -> torch.Tensor:
     e1 = with_ones(e)
     total, chunk = e.new_zeros(()), chunk_rows(chunk, K, e.device)
     for s in range(0, len(e), chunk):
-        p = torch.softmax(e1[s:s + chunk] @ W.t(), 1)  # (chunk, K)
+        logits = e1[s:s + chunk] @ W.t()  # (chunk, K)
+        p = torch.softmax(logits.sub_(logits.amax(1, keepdim=True)).clamp_(min=exp_floor(e.dtype)), 1)
         # the k largest p are the k largest logits'; summing p avoids a logsumexp of logits ~1e3 from 0
         total += (1 - row_topk(p, k)[0].sum(1)).clamp_(min=0).sum()
     return total / max(len(e), 1)
@@ -1151,6 +1189,7 @@ class BAQuantizer(CodebookQuantizer):
         ba_iters: int
         ba_topk: int
         ba_topk_max_drop: float
+        ba_memory_mib: int
         codebook_update: str
         marginal: str
         estimator: str
@@ -1261,7 +1300,8 @@ class BAQuantizer(CodebookQuantizer):
                 if truncate:
                     return ba_assign_topk(e, C, log_Q0, beta, hp.ba_topk, hp.chunk_size, want_sums=ema,
                                           want_z=want_z), metrics
-        return self.assign(e, C, log_Q0, beta, hp.ba_iters, hp.chunk_size, want_sums=ema, want_z=want_z), metrics
+        return self.assign(e, C, log_Q0, beta, hp.ba_iters, hp.chunk_size, want_sums=ema, want_z=want_z,
+                           memory=hp.ba_memory_mib << 20), metrics
 
     def _may_truncate(self, dropped: torch.Tensor) -> bool:
         """Whether this step may run truncated: its dropped mass within ba_topk_max_drop. On a single GPU the

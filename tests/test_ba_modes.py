@@ -102,7 +102,7 @@ def test_mutual_information_gradient_equals_autograd_of_the_direct_formula(iters
         return H_p.detach(), e.grad, C.grad
 
     def chunked(e, C):
-        out = vqvae.ba_assign(e, C, log_Q0, 1.3, iters, chunk=32, cache_limit=1 << 30 if cache else 0)
+        out = vqvae.ba_assign(e, C, log_Q0, 1.3, iters, chunk=32, memory=1 << 30 if cache else 0)
         return out.log_Q, out.H_p
 
     def direct(e, C):
@@ -194,7 +194,7 @@ def test_skipping_the_soft_mixture_changes_no_other_output_or_gradient(cache):
     for want_z in (True, False):
         e, C = e0.clone().requires_grad_(), C0.clone().requires_grad_()
         out = vqvae.ba_assign(e, C, log_Q0, 1.7, 2, chunk=32, want_sums=True, want_z=want_z,
-                              cache_limit=1 << 30 if cache else 0)
+                              memory=1 << 30 if cache else 0)
         z, log_Q, idx, counts, sums, H_p, max_p, _ = out
         assert len(z) == (96 if want_z else 0)
         (0.3 * H_p - (log_Q.exp() * log_Q).sum()).backward()

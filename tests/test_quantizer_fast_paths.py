@@ -2,6 +2,7 @@
 blocked row argmax, the underflow route of the M-step's column sums, and the BA backward's fused dL/dlogits, in
 regimes where many columns underflow."""
 import math
+import weakref
 
 import pytest
 import torch
@@ -93,7 +94,7 @@ def test_ba_matches_direct_when_chunks_underflow(iters, learn_codebook):
 
     p = torch.softmax(-beta * torch.cdist(e0[:16], C0) ** 2, dim=1)
     assert (p.sum(0) == 0).float().mean() > 0.25  # many columns of a 16-row chunk underflow
-    chunked = run(lambda e, C: vqvae.ba_assign(e, C, log_Q0, beta, iters, chunk=16, cache_limit=0))
+    chunked = run(lambda e, C: vqvae.ba_assign(e, C, log_Q0, beta, iters, chunk=16, memory=0))
     direct = run(lambda e, C: vqvae.ba_assign_direct(e, C, log_Q0, beta, iters))
     for name, a, b in zip(["z", "log_Q", "idx", "grad_e", "grad_C"], chunked, direct):
         if b is None:
@@ -116,3 +117,68 @@ def test_row_topk_equals_torch_topk(K, k):
     assert torch.equal(v, want_v)
     assert torch.equal(x.gather(1, i), v)  # the indices point at those values
     assert (i.sort(1).values.diff(dim=1) > 0).all()  # distinct columns
+
+
+def _ba_pass(e0, C0, log_Q0, beta, memory, chunk=4096):
+    """A default-like BA pass (hard codes: z unused; the mutual-information term) and its gradients."""
+    e, C = e0.clone().requires_grad_(), C0.clone().requires_grad_()
+    out = vqvae.ba_assign(e, C, log_Q0, beta, 1, chunk=chunk, want_sums=True, want_z=False, memory=memory)
+    loss = -(vqvae.entropy_from_log(out.log_Q) - out.H_p)
+    loss.backward()
+    return out.log_Q, out.sums, out.H_p, loss, e.grad, C.grad
+
+
+@pytest.mark.parametrize("beta", [0.5, 200.0])  # diffuse, and sharp with underflowing columns
+def test_ba_kept_and_recomputed_logits_give_the_same_bits(beta):
+    g = torch.Generator().manual_seed(5)
+    e0, C0 = torch.randn(300, 8, generator=g), torch.randn(64, 8, generator=g)
+    log_Q0 = torch.full((64,), -math.log(64))
+    block = vqvae.LIVE_BLOCKS * 64 * 64 * 4  # room for 64-row blocks only: the backward forms the logits again
+    assert vqvae.ba_plan(300, 64, 1, 4096, torch.device("cpu"), 4, block, True) == (64, False)
+    assert vqvae.ba_plan(300, 64, 1, 64, torch.device("cpu"), 4, 1 << 20, True) == (64, True)  # here it keeps them
+    kept = _ba_pass(e0, C0, log_Q0, beta, 1 << 20, chunk=64)
+    made = _ba_pass(e0, C0, log_Q0, beta, block)
+    # the same block size in both (64 rows), so both run the same arithmetic on the same operands
+    for a, b in zip(kept, made):
+        assert torch.equal(a, b)
+
+
+class _PeakBlockBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the bytes of live (rows, columns) blocks the ops under it create, K of them or fewer (the underflowing
+    ones): 2-D outputs of another shape than (N or K, D..D+2), each until its storage is freed."""
+
+    def __init__(self, K: int, D: int):
+        super().__init__()
+        self.K, self.D, self.live, self.peak, self.seen = K, D, 0, 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] == self.K or t.shape[1] <= self.D + 2:
+                continue
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in self.seen:
+                self.seen.add(storage.data_ptr())
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._free, storage.data_ptr(), storage.nbytes())
+        return out
+
+    def _free(self, ptr, n):
+        self.seen.discard(ptr)
+        self.live -= n
+
+
+@pytest.mark.parametrize("memory_kib", [1024, 8192])  # blocks only; blocks and the kept logits
+def test_ba_pass_stays_within_its_memory_budget(memory_kib):
+    """Peak bytes of the (rows, K) blocks a whole BA pass allocates (forward and backward, at a sharp beta: the
+    underflow route too), counted as they are made and freed, stay within the budget, kept logits included."""
+    g = torch.Generator().manual_seed(6)
+    N, K, D = 256, 4096, 4  # logits 4 MiB
+    e0, C0 = torch.randn(N, D, generator=g), torch.randn(K, D, generator=g)
+    log_Q0 = torch.full((K,), -math.log(K))
+    rows, keep = vqvae.ba_plan(N, K, 1, 4096, torch.device("cpu"), 4, memory_kib << 10, True)
+    assert keep == (memory_kib == 8192) and rows < N
+    with _PeakBlockBytes(K, D) as count:
+        _ba_pass(e0, C0, log_Q0, 300.0, memory_kib << 10)
+    assert (N * K * 4 if keep else 0) < count.peak <= memory_kib << 10

@@ -147,7 +147,7 @@ def test_ba_chunked_equals_direct_values_and_gradients(iters, cache, dtype):
         return z, log_Q, idx, e.grad, C.grad
 
     chunked = run(lambda e, C: vqvae.ba_assign(e, C, log_Q0, 0.8, iters, chunk=64,
-                                               cache_limit=1 << 30 if cache else 0))
+                                               memory=1 << 30 if cache else 0))
     direct = run(lambda e, C: vqvae.ba_assign_direct(e, C, log_Q0, 0.8, iters))
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     for name, a, b in zip(["z", "log_Q", "idx", "grad_e", "grad_C"], chunked, direct):
@@ -224,7 +224,7 @@ def test_ba_gradient_exact_where_q_underflows_in_float32(cache):
         return log_Q.detach().double(), e.grad.double(), C.grad.double()
 
     def chunked(e, C, lq):
-        out = vqvae.ba_assign(e, C, lq, 1.0, 2, chunk=32, cache_limit=1 << 30 if cache else 0)
+        out = vqvae.ba_assign(e, C, lq, 1.0, 2, chunk=32, memory=1 << 30 if cache else 0)
         return out[1], out[5]
 
     def direct(e, C, lq):
