@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
+import importlib.util
 import json
 import math
 import pickle
 import random
 import shutil
 import signal
+import sys
 import time
 import typing
 from dataclasses import dataclass, field
@@ -54,13 +57,19 @@ SAMPLE_PATH = REPO_DIR / "assets" / "cifar10_sample.npz"
 # Config
 # ################################################################################################################
 
-def _f(default, help: str, **metadata):
-    return field(default=default, metadata={"help": help, **metadata})
+def option(default, help: str, check: Optional[tuple[Callable[[typing.Any], bool], str]] = None, **metadata):
+    """A Config field, or a quantizer's own option in its Params: the default, one line of help (--help), and an
+    optional range check (predicate, what it asks): check=(lambda w: w >= 0, ">= 0") fails as 'w must be >= 0'."""
+    return field(default=default, metadata={"help": help, **({"check": check} if check else {}), **metadata})
+
+
+_f = option  # the short name Config's own fields use
 
 
 @dataclass
 class Config:
-    """Every hyperparameter and switch. Fields = YAML keys = --flags; defaults < YAML < flags."""
+    """Every hyperparameter and switch. Fields = YAML keys = --flags; defaults < YAML < flags. A registered
+    quantizer's own options join these fields when it registers (add_options)."""
     # run
     name: str = _f("", "run name; the run lives in <out_dir>/<name> (empty: <quantizer>_k<K>_<time>)")
     out_dir: str = _f("experiments", "folder that holds the run folders")
@@ -68,6 +77,9 @@ class Config:
     device: str = _f("auto", "auto (MPS > CUDA > CPU), cpu, cuda, cuda:1, mps")
     resume: bool = _f(False, "continue the run <out_dir>/<name> from its last checkpoint")
     overwrite: bool = _f(False, "replace an existing run folder of the same name")
+    imports: str = _f("baselines", "modules whose quantizers (and their options) the run needs, comma-separated: "
+                                   "module names or .py files, relative to the working directory; imported before "
+                                   "the rest of a config is read")
     # data
     dataset: Literal["cifar10", "cifar10-sample"] = _f("cifar10", "cifar10 (torchvision) or the bundled sample")
     data_dir: str = _f("./data", "folder with (or to download) cifar-10-batches-py")
@@ -106,19 +118,6 @@ class Config:
     kmeans_iters: int = _f(10, "Lloyd iterations of the k-means initialisation")
     dead_code_threshold: float = _f(1.0, "restart codes that are the hard code of fewer vectors per step (EMA) "
                                          "than this (0: off, the seeds); vq_ema and ba_vq")
-    # the baselines of baselines.py: each default is its official code's
-    fsq_levels: str = _f("", "FSQ: levels per latent channel, e.g. '8,5,5,5' (K is their product and codebook_size "
-                             "is unused); empty: the paper's recommended levels for codebook_size")
-    wasserstein_weight: float = _f(0.5, "Wasserstein VQ: weight of W2 (not squared) between Gaussian fits of recent "
-                                        "encoder outputs and of the codebook, both scaled by the outputs' largest std")
-    wvq_commitment_weight: float = _f(0.1, "Wasserstein VQ: weight of ||e - sg(z_q)||^2 (its codebook term takes "
-                                           "codebook_weight)")
-    wvq_codebook_lr: float = _f(0.02, "Wasserstein VQ: learning rate of the codebook's own Adam group (betas 0.9, "
-                                      "0.95; gradient clipped to norm 1)")
-    wvq_queue_size: int = _f(65536, "Wasserstein VQ: how many recent encoder outputs (of all ranks) the Gaussian fit "
-                                    "of the features is taken over")
-    cvq_distance: Literal["cos", "l2"] = _f("cos", "CVQ: nearest code and anchors by cosine similarity (its code's "
-                                                   "default) or by Euclidean distance")
     estimator: Literal["ste", "rotation"] = _f("ste", "gradient to the encoder: straight-through or rotation trick")
     chunk_size: int = _f(4096, "encoder vectors per chunk in distance and soft-assignment passes")
     # optimisation
@@ -150,8 +149,8 @@ class Config:
             near = difflib.get_close_matches(self.quantizer, QUANTIZERS, n=1)
             raise UserError(f"quantizer must be one of {', '.join(sorted(QUANTIZERS))}, got {self.quantizer!r}"
                             + (f" (did you mean '{near[0]}'?)" if near else
-                               " (a quantizer defined outside vqvae.py registers when its module is imported, "
-                               "e.g. `import baselines`)"))
+                               " (a quantizer defined outside vqvae.py registers when its module is imported: "
+                               "--import MODULE, or the config key imports)"))
         checks = [
             (self.codebook_size >= 2, "codebook_size must be >= 2"),
             (self.ba_iters >= 1, "ba_iters must be >= 1"),
@@ -171,13 +170,15 @@ class Config:
             (self.log_every >= 0, "log_every must be >= 0 (0: auto)"),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
             (self.latent_dim is None or self.latent_dim >= 1, "latent_dim must be >= 1"),
-            (self.wvq_queue_size >= 2, "wvq_queue_size must be >= 2"),
-            (self.wvq_codebook_lr > 0, "wvq_codebook_lr must be > 0"),
             (self.rfid_every >= 0, "rfid_every must be >= 0 (0: at the end only)"),
         ]
         for name in ("commitment_weight", "codebook_weight", "entropy_weight", "weight_decay",
-                     "dead_code_threshold", "wasserstein_weight", "wvq_commitment_weight"):
+                     "dead_code_threshold"):
             checks.append((getattr(self, name) >= 0, f"{name} must be >= 0"))
+        for f in dataclasses.fields(self):  # the range checks the quantizers' options declare
+            if "check" in f.metadata:
+                ok, requirement = f.metadata["check"]
+                checks.append((ok(getattr(self, f.name)), f"{f.name} must be {requirement}"))
         for ok, msg in checks:
             if not ok:
                 raise UserError(msg)
@@ -190,6 +191,81 @@ class Config:
 
 def config_fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(Config)}
+
+
+def add_options(quantizer: str, params: type) -> None:
+    """Config gains the options a quantizer's Params declares (its fields made with `option`): each becomes a field,
+    so a YAML key, a --flag (grouped under the quantizer in --help), a checked value and a checkpoint entry.
+    Config is rebuilt in place, so every `from vqvae import Config` sees them. An option another quantizer declared
+    the same way (type and default) is shared; any other Params field must name a Config field."""
+    hints, known, new = typing.get_type_hints(params), config_fields(), {}
+    for f in dataclasses.fields(params):
+        old = known.get(f.name)
+        if "help" not in f.metadata:
+            if old is None:
+                raise TypeError(f"{params.__qualname__}.{f.name}: Params fields must be Config fields or options "
+                                f"declared with vqvae.option(default, help)")
+        elif old is None:
+            new[f.name] = field(default=f.default, metadata={**f.metadata, "quantizer": quantizer})
+        elif "quantizer" not in old.metadata or (typing.get_type_hints(Config)[f.name], old.default) != (
+                hints[f.name], f.default):
+            raise TypeError(f"{params.__qualname__}.{f.name}: already a Config field, declared otherwise")
+    if new:
+        _extend_config(new, hints)
+
+
+def _extend_config(new: dict[str, dataclasses.Field], hints: dict):
+    """Config rebuilt in place with the new fields after its own (their types in `hints`)."""
+    known = config_fields()
+    for name in ("__init__", "__repr__", "__eq__", "__hash__", "__match_args__"):  # dataclass() keeps what exists
+        if name in Config.__dict__:
+            delattr(Config, name)
+    Config.__annotations__.update({name: hints[name] for name in new})
+    for name, f in {**known, **new}.items():  # dataclass() reads each field's declaration from the class
+        setattr(Config, name, f)
+    dataclass(Config)
+
+
+_IMPORTED: set[str] = set()  # the entries of `imports` done in this process
+
+
+def import_modules(imports: str) -> None:
+    """Import each module of a comma-separated list, a module name or a .py file relative to the working
+    directory, so the quantizers and options it registers are known (once per entry and process)."""
+    if not isinstance(imports, str):
+        raise UserError(f"imports must be a comma-separated str of modules, got {imports!r}")
+    for item in [s.strip() for s in imports.split(",") if s.strip() and s.strip() not in _IMPORTED]:
+        if item.endswith(".py"):
+            _import_file(Path(item))
+        else:
+            sys.path.insert(0, str(Path.cwd()))  # a module name, found from the working directory first
+            try:
+                importlib.import_module(item)
+            except ModuleNotFoundError as err:
+                if err.name not in (item, item.split(".")[0]):  # a module the user's module imports
+                    raise
+                raise UserError(f"imports: no module {item} (nor {item}.py in {Path.cwd()})") from None
+            finally:
+                sys.path.remove(str(Path.cwd()))
+        _IMPORTED.add(item)
+
+
+def _import_file(path: Path):
+    """The .py file as the module named by its stem (where dataclasses and pickle look it up)."""
+    if not path.is_file():
+        raise UserError(f"imports: no file {path} (relative to {Path.cwd()})")
+    loaded = sys.modules.get(path.stem)
+    if loaded is not None:
+        if Path(getattr(loaded, "__file__", None) or "").resolve() != path.resolve():
+            raise UserError(f"imports: {path}: a module named {path.stem} is imported already; rename the file")
+        return
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    sys.modules[path.stem] = module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[path.stem]
+        raise
 
 
 def _check_types(cfg: Config):
@@ -219,7 +295,9 @@ def _check_types(cfg: Config):
 
 
 def make_config(overrides: dict) -> Config:
-    """Config from a dict of overrides, with unknown keys reported by their nearest valid name."""
+    """Config from a dict of overrides, with unknown keys reported by their nearest valid name. The modules named
+    by `imports` are imported first, so the quantizers and options they register are known."""
+    import_modules(overrides.get("imports", Config.imports))
     known = config_fields()
     for key in overrides:
         if key not in known:
@@ -263,7 +341,8 @@ def resolve_config(config_file: Optional[str], flags: dict) -> Config:
 
 # Fields that may differ when a run is resumed: they change neither the model nor its training trajectory's state.
 RESUMABLE_CHANGES = {"epochs", "log_every", "checkpoint_every", "wandb", "wandb_project", "resume", "overwrite",
-                     "device", "data_dir", "out_dir", "compile", "deterministic", "rfid", "rfid_every", "lpips"}
+                     "device", "data_dir", "out_dir", "compile", "deterministic", "rfid", "rfid_every", "lpips",
+                     "imports"}
 
 
 # ################################################################################################################
@@ -434,20 +513,21 @@ def make_decoder(arch: str, dim: int) -> nn.Module:
 # loss terms, statistics and updates), then `decoder_input(e, z_q)`, the gradient's way back to e (straight-through
 # or the rotation trick by default). A method writes `quantize` and, if it needs them, the hooks above.
 #
-# Hyperparameters: each class names its own in a `Params` dataclass whose fields are Config fields;
-# make_quantizer(cfg, dim) fills them, so a quantizer never sees the rest of the Config.
-# A new method: subclass Quantizer, then `@register_quantizer("name")`. The name becomes a valid `--quantizer`.
-# baselines.py registers the published baselines (SimVQ, FSQ, Wasserstein VQ, CVQ) this way, from outside.
+# Hyperparameters: each class names those it reads in a `Params` dataclass: Config fields it shares (no default), and
+# options of its own, declared with `option(default, help, check)`, which registering adds to the Config (flags,
+# YAML keys, checks, checkpoints); make_quantizer(cfg, dim) fills them, so a quantizer never sees the rest of the
+# Config. A new method: subclass Quantizer, then `@register_quantizer("name")`. The name becomes a valid
+# `--quantizer`. baselines.py registers the published baselines (SimVQ, FSQ, Wasserstein VQ, CVQ) this way, from
+# outside, options included; a user's module does the same (`--import MODULE`; README, "How to add a quantizer").
 
 QUANTIZERS: dict[str, type["Quantizer"]] = {}
 
 
 def register_quantizer(name: str) -> Callable[[type], type]:
-    """Class decorator: adds the quantizer to QUANTIZERS under `name` (the --quantizer value)."""
+    """Class decorator: adds the quantizer to QUANTIZERS under `name` (the --quantizer value), and the options its
+    Params declares to the Config."""
     def add(cls):
-        missing = [f.name for f in dataclasses.fields(cls.Params) if f.name not in config_fields()]
-        if missing:
-            raise TypeError(f"{cls.__name__}.Params fields must be Config fields; not: {', '.join(missing)}")
+        add_options(name, cls.Params)
         QUANTIZERS[name] = cls
         cls.name = name
         return cls
@@ -1873,6 +1953,7 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
     fmt = state.get("format", 1)  # format 1 files carry no number
     if not (isinstance(fmt, int) and 1 <= fmt <= CHECKPOINT_FORMAT):
         raise UserError(f"{path} has checkpoint format {fmt!r}; this version reads formats 1 to {CHECKPOINT_FORMAT}")
+    import_modules(state["config"].get("imports", Config.imports))  # the quantizer may be registered there
     cls = QUANTIZERS.get(state["config"].get("quantizer"))
     if cls is not None:  # an unregistered name fails in make_config, with the list of registered ones
         state["config"] = cls.upgrade_config(dict(state["config"]))
