@@ -1,10 +1,12 @@
 """BA-VQ: VQ-VAEs on CIFAR-10 with interchangeable quantizers, for studying codebook utilization.
 
-One research module, read top to bottom: Config -> Data -> Encoder/Decoder -> Quantizers (the contract, VQ-EMA,
-Blahut-Arimoto) -> Model -> Metrics -> Train/Validate, then distributed setup and checkpoint I/O. Around it:
-`plumbing.py` (collectives, fast kernels, file writes, the metrics log), `baselines.py` (SimVQ, FSQ, Wasserstein VQ,
-CVQ, registered through the quantizer contract), `train.py` (a thin CLI over `train(cfg)`), `runs.py` (finished runs
-for analyze.ipynb and the sweeps). Nothing runs at import time.
+One research module, read top to bottom in its banner sections: Config (and the options quantizers register) ->
+Data -> Encoder / Decoder -> Quantizers (the contract and registry, VQ-EMA, Blahut-Arimoto) -> Model -> Metrics ->
+Train / Validate (the trainer, validation, the run, stopping on a signal) -> Checkpoint I/O (the checkpoint written,
+read and resumed from; the run folder). Around it: `plumbing.py` (devices and processes, collectives, fast kernels,
+file writes, the metrics log), `baselines.py` (SimVQ, FSQ, Wasserstein VQ, CVQ, registered through the quantizer
+contract with their options), `examples/my_quantizer.py` (a user's quantizer in one file), `train.py` (a thin CLI
+over `train(cfg)`), `runs.py` (finished runs for analyze.ipynb and the sweeps). Nothing runs at import time.
 
 Papers:
 - VQ-VAE, EMA codebook: van den Oord et al. 2017, "Neural Discrete Representation Learning" (arXiv:1711.00937).
@@ -661,12 +663,12 @@ class CodebookQuantizer(Quantizer):
 
     Names: ema_count is the EMA cluster size N_k of van den Oord et al. (soft for BA), ema_sum the EMA of the sums
     of the vectors assigned to each code (EMA codebooks only); a code's hard count, the EMA of how many vectors
-    had it as their code per step, is the buffer HARD_COUNTS names (ema_count itself for VQ-EMA), by which a code
-    is judged dead. Invariant kept by every update: codebook == ema_sum / smoothed(ema_count) for EMA codebooks.
-    The EMA starts from one pseudo-count per code at the initial codebook, so it holds from the first step even
-    without k-means (an unused code then keeps its place instead of collapsing to the origin).
+    had it as their code per step, by which a code is judged dead, is ema_count itself for VQ-EMA (BA keeps its
+    own, use_count), and each quantizer hands it to _restart_dead. Invariant kept by every update:
+    codebook == ema_sum / smoothed(ema_count) for EMA codebooks. The EMA starts from one pseudo-count per code at the
+    initial codebook, so it holds from the first step even without k-means (an unused code then keeps its place
+    instead of collapsing to the origin).
     """
-    HARD_COUNTS: ClassVar[str] = "ema_count"
 
     @dataclass
     class Params(Quantizer.Params):
@@ -738,11 +740,12 @@ class CodebookQuantizer(Quantizer):
         self._resync_sums()
 
     @torch.no_grad()
-    def _restart_dead(self, e: torch.Tensor) -> torch.Tensor:
-        """Re-seed codes whose hard count fell below dead_code_threshold from random encoder vectors of this batch,
-        their counts set to the threshold (alive until they decay unused). A random row is drawn for every code and
-        kept for the dead ones, so the step needs no host sync to count them. Returns how many restarted."""
-        threshold, hard = self.hp.dead_code_threshold, getattr(self, self.HARD_COUNTS)
+    def _restart_dead(self, e: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+        """Re-seed codes whose hard count (`hard`, (K,), a buffer) fell below dead_code_threshold from random encoder
+        vectors of this batch, their counts set to the threshold (alive until they decay unused). A random row is
+        drawn for every code and kept for the dead ones, so the step needs no host sync to count them. Returns how
+        many restarted."""
+        threshold = self.hp.dead_code_threshold
         dead = hard < threshold  # (K,)
         self.codebook.data.copy_(torch.where(dead[:, None], random_rows(e, self.K), self.codebook))
         self.ema_count.masked_fill_(dead, threshold)
@@ -824,7 +827,7 @@ class VQEMAQuantizer(CodebookQuantizer):
             if self.training:
                 self._ema_update(code_counts(idx, self.K, e.dtype), scatter_sum(idx, e, self.K))
                 if hp.dead_code_threshold > 0:
-                    metrics["restarts"] = self._restart_dead(e)
+                    metrics["restarts"] = self._restart_dead(e, self.ema_count)  # its cluster sizes are hard counts
         return Quantized(z_q, idx, vq_losses(e, z_q, hp.commitment_weight), metrics)
 
 
@@ -1217,7 +1220,6 @@ class BAQuantizer(CodebookQuantizer):
     as does dbar, so a step reads nothing back from it but whether some Q underflowed (`_log_colsum`).
     The seeds' method is registered as `ba_seed` (soft, entropy, absolute, batch), whatever these options say.
     """
-    HARD_COUNTS: ClassVar[str] = "use_count"
     TOPK_PROBE_STRIDE = 8  # training measures the top-k dropped mass on every 8th latent: 1/8 of a GEMM
     assign = staticmethod(ba_assign)  # the E-M pass; bench.py swaps in ba_assign_direct on an instance
 
@@ -1316,7 +1318,7 @@ class BAQuantizer(CodebookQuantizer):
         if self.training:
             self._update(ba, e.detach())
             if hp.dead_code_threshold > 0:
-                metrics["restarts"] = self._restart_dead(e.detach())
+                metrics["restarts"] = self._restart_dead(e.detach(), self.use_count)
         return Quantized(z_q, idx, losses, metrics)
 
     def _assign(self, e, C, log_Q0, beta, ema: bool, hard: bool) -> tuple[BAResult, dict]:
@@ -1686,8 +1688,8 @@ class Trainer:
             print(epoch_line(self.epoch, self.cfg.epochs, train_means, val, self.model.quantizer.report(), seconds))
             # last.pt after the periodic file: a run killed in between redoes the epoch and writes both
             if self.epoch % self.cfg.checkpoint_every == 0:
-                self.save(f"checkpoint_epoch{self.epoch}.pt")
-            self.save("last.pt")
+                save_checkpoint(self, f"checkpoint_epoch{self.epoch}.pt")
+            save_checkpoint(self, "last.pt")
         return val
 
     def stop_agreed(self, stop: "StopFlag", anytime: bool = False) -> bool:
@@ -1712,52 +1714,9 @@ class Trainer:
         sums = self._rank_mean(self.epoch_sums, list(self.epoch_sums))
         return {k: (v / n).item() for k, v in sums.items()}
 
-    # -- state --------------------------------------------------------------------------------------------------
-    def state(self, resumable: bool = True) -> dict:
-        """One self-describing dict: config, model and metrics; with `resumable`, also everything needed to
-        continue bit-exactly (optimizer, step counters, schedule, RNG states)."""
-        state = {"format": CHECKPOINT_FORMAT, "config": config_to_dict(self.cfg), "model": self.model.state_dict(),
-                 "step": self.step, "epoch": self.epoch, "val_metrics": self.val_metrics}
-        if resumable:
-            state.update({
-                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "step_in_epoch": self.step_in_epoch, "epoch_sums": self.epoch_sums,
-                "schedule": {"anchor": self.schedule_anchor, "total_steps": self.total_steps},
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}})
-        return state
-
-    def save(self, filename: str, resumable: bool = True) -> Path:
-        state = self.state(resumable)
-        return atomic_write(self.run_dir / filename, lambda fh: torch.save(state, fh))
-
-    def restore(self, state: dict):
-        """Continue from a resumable state (last.pt): the inverse of state()."""
-        self.model.load_state_dict(state["model"])
-        try:
-            self.optimizer.load_state_dict(state["optimizer"])
-        except ValueError as err:  # e.g. a quantizer that has since gained an optimizer group or a parameter
-            raise UserError(f"--resume: the checkpoint's optimizer does not fit this model ({err}); it was written "
-                            f"by a version of {self.cfg.quantizer} that trained other parameters") from None
-        self.scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-        self.epoch_sums = {k: v.to(self.device) for k, v in state["epoch_sums"].items()}
-        self.val_metrics = state.get("val_metrics")
-        schedule = state.get("schedule", {"anchor": (0, 0.0), "total_steps": self.total_steps})
-        self.schedule_anchor = tuple(schedule["anchor"])
-        if schedule["total_steps"] != self.total_steps:  # resumed with other epochs: continue from where it stood
-            self.schedule_anchor = (self.step, schedule_progress(self.step, self.schedule_anchor,
-                                                                 schedule["total_steps"]))
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-
     def write_final(self, metrics: dict):
         """final_model.pt (the checkpoint format minus the optimizer), reconstructions.png, final_metrics.json."""
-        self.save("final_model.pt", resumable=False)
+        save_checkpoint(self, "final_model.pt", resumable=False)
         save_reconstructions(self.model, self.val_batches, self.run_dir / "reconstructions.png",
                              title=f"{self.cfg.name}: validation PSNR {metrics.get('psnr', math.nan):.2f} dB")
         # written last: sweeps take final_metrics.json as the sign of a finished run
@@ -1841,7 +1800,7 @@ def train(cfg: Config) -> dict:
     ckpt = check_run_dir(cfg, run_dir)
     trainer = Trainer(cfg, run_dir, device, rank, world)
     if ckpt is not None:
-        trainer.restore(ckpt)
+        restore_trainer(trainer, ckpt)
     if rank == 0:
         prepare_run_dir(cfg, run_dir, resume=ckpt is not None)
     wandb = {"project": cfg.wandb_project, "name": cfg.name, "config": config_to_dict(cfg)} if cfg.wandb else None
@@ -1876,7 +1835,7 @@ def _train_loop(trainer: Trainer, logger: "Logger", stop: "StopFlag") -> dict:
             trainer.check_finite()
             if not finished:
                 if trainer.rank == 0:
-                    trainer.save("last.pt")
+                    save_checkpoint(trainer, "last.pt")
                 raise Interrupted(stop.signum, trainer)
             trainer.end_epoch(logger, t0)
             if trainer.stop_agreed(stop, anytime=True):  # signalled during validation: last.pt was just written
@@ -1933,11 +1892,68 @@ def _print_header(cfg: Config, trainer: Trainer, device, rank: int):
           + (f" | resuming at step {trainer.step}" if trainer.step else ""))
 
 
+# -- stopping on a signal -----------------------------------------------------------------------------------------
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints, and exits 130/143."""
+
+    def __init__(self):
+        self.requested, self.signum, self._old = False, None, {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. a notebook worker): signals stay as they are
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested, self.signum = True, signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Interrupted(Exception):
+    """Raised after a stop signal once last.pt holds the state; the CLI exits 128 + signum (130 / 143)."""
+
+    def __init__(self, signum: Optional[int], trainer: "Trainer"):
+        cfg = trainer.cfg
+        signum = signum or signal.SIGTERM  # a rank that stops because another rank was signalled
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {trainer.step}; checkpoint "
+                         f"{trainer.run_dir / 'last.pt'} written; continue with --resume --name {cfg.name} "
+                         f"--out_dir {cfg.out_dir}")
+        self.exit_code = 128 + signum
+
+
 # ################################################################################################################
 # Checkpoint I/O
 # ################################################################################################################
 
 CHECKPOINT_FORMAT = 2  # 2: final_model.pt shares last.pt's format (minus optimizer); the schedule anchor is saved
+
+
+def trainer_state(trainer: Trainer, resumable: bool = True) -> dict:
+    """One self-describing dict: config, model and metrics; with `resumable`, also everything needed to continue
+    bit-exactly (optimizer, step counters, schedule, RNG states)."""
+    state = {"format": CHECKPOINT_FORMAT, "config": config_to_dict(trainer.cfg), "model": trainer.model.state_dict(),
+             "step": trainer.step, "epoch": trainer.epoch, "val_metrics": trainer.val_metrics}
+    if resumable:
+        state.update({
+            "optimizer": trainer.optimizer.state_dict(), "scaler": trainer.scaler.state_dict(),
+            "step_in_epoch": trainer.step_in_epoch, "epoch_sums": trainer.epoch_sums,
+            "schedule": {"anchor": trainer.schedule_anchor, "total_steps": trainer.total_steps},
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}})
+    return state
+
+
+def save_checkpoint(trainer: Trainer, filename: str, resumable: bool = True) -> Path:
+    """trainer_state into the run folder, atomically (last.pt, checkpoint_epoch{N}.pt, final_model.pt)."""
+    state = trainer_state(trainer, resumable)
+    return atomic_write(trainer.run_dir / filename, lambda fh: torch.save(state, fh))
 
 
 def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
@@ -1966,6 +1982,31 @@ def load_checkpoint(path: str | Path, device="cpu") -> tuple[VQVAE, dict]:
     model = VQVAE(make_config(state["config"]))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), state
+
+
+def restore_trainer(trainer: Trainer, state: dict):
+    """Continue from a resumable state (last.pt): the inverse of trainer_state."""
+    trainer.model.load_state_dict(state["model"])
+    try:
+        trainer.optimizer.load_state_dict(state["optimizer"])
+    except ValueError as err:  # e.g. a quantizer that has since gained an optimizer group or a parameter
+        raise UserError(f"--resume: the checkpoint's optimizer does not fit this model ({err}); it was written "
+                        f"by a version of {trainer.cfg.quantizer} that trained other parameters") from None
+    trainer.scaler.load_state_dict(state["scaler"])
+    trainer.step, trainer.epoch, trainer.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+    trainer.epoch_sums = {k: v.to(trainer.device) for k, v in state["epoch_sums"].items()}
+    trainer.val_metrics = state.get("val_metrics")
+    schedule = state.get("schedule", {"anchor": (0, 0.0), "total_steps": trainer.total_steps})
+    trainer.schedule_anchor = tuple(schedule["anchor"])
+    if schedule["total_steps"] != trainer.total_steps:  # resumed with other epochs: continue from where it stood
+        trainer.schedule_anchor = (trainer.step, schedule_progress(trainer.step, trainer.schedule_anchor,
+                                                                   schedule["total_steps"]))
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 RESUME_KEYS = ("config", "model", "optimizer", "scaler", "step", "epoch", "step_in_epoch", "epoch_sums", "rng")
@@ -2015,37 +2056,3 @@ def write_config(cfg: Config, run_dir: Path):
     run_dir.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     atomic_write(run_dir / "config.yaml", lambda fh: fh.write(text.encode()))
-
-
-class StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints, and exits 130/143."""
-
-    def __init__(self):
-        self.requested, self.signum, self._old = False, None, {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. a notebook worker): signals stay as they are
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested, self.signum = True, signum
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-class Interrupted(Exception):
-    """Raised after a stop signal once last.pt holds the state; the CLI exits 128 + signum (130 / 143)."""
-
-    def __init__(self, signum: Optional[int], trainer: "Trainer"):
-        cfg = trainer.cfg
-        signum = signum or signal.SIGTERM  # a rank that stops because another rank was signalled
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {trainer.step}; checkpoint "
-                         f"{trainer.run_dir / 'last.pt'} written; continue with --resume --name {cfg.name} "
-                         f"--out_dir {cfg.out_dir}")
-        self.exit_code = 128 + signum
