@@ -6,21 +6,22 @@ and initialisation, read from that code (repository and file cited in each class
 shares instead: the encoder and decoder, the autoencoder's optimizer (AdamW, lr, weight decay, no gradient clipping),
 the data, steps and seeds. Deviations from the official code are named in each class's docstring.
 
-Importing this module registers the four names; train.py, runs.py (and through it analyze.ipynb), sweep.py and
-bench.py import it. Their hyperparameters are Config fields (fsq_levels, wasserstein_weight, wvq_*, cvq_*), so they
-are YAML keys and --flags like every other.
+Importing this module registers the four names and their options (fsq_levels, wasserstein_weight, wvq_*, cvq_*,
+declared in each class's Params), which become Config fields, YAML keys and --flags like every other. A config's
+`imports` names it by default, so reading a config or checkpoint imports it.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vqvae import (Config, Quantized, Quantizer, UserError, code_counts, dist_sum_, drop_state_keys, gather_rows,
-                   nearest_code, register_quantizer, vq_losses)
+from vqvae import (Quantized, Quantizer, code_counts, dist_sum_, drop_state_keys, gather_rows, nearest_code, option,
+                   register_quantizer, vq_losses)
 
 
 # ################################################################################################################
@@ -158,7 +159,10 @@ class FSQQuantizer(Quantizer):
 
     @dataclass
     class Params(Quantizer.Params):
-        fsq_levels: str
+        fsq_levels: str = option("", "FSQ: levels per latent channel, e.g. '8,5,5,5' (K is their product and "
+                                     "codebook_size is unused); empty: the paper's recommended levels for "
+                                     "codebook_size",
+                                 check=(fsq_levels_valid, "empty or integers >= 2 separated by commas, e.g. '8,5,5,5'"))
 
     BOUND_EPS = 1e-3  # keeps tanh's range inside (-half, half), so rounding never reaches a level beyond L
 
@@ -189,11 +193,6 @@ class FSQQuantizer(Quantizer):
 
     def _decode(self, level: torch.Tensor) -> torch.Tensor:
         return self.project_out(level / self.width)  # (N, d) integer levels -> (N, D)
-
-    @classmethod
-    def check_config(cls, cfg: Config) -> None:
-        if not fsq_levels_valid(cfg.fsq_levels):
-            raise UserError("fsq_levels must be empty or integers >= 2 separated by commas, e.g. '8,5,5,5'")
 
     def quantize(self, e: torch.Tensor) -> Quantized:
         h = self.project_in(e)  # (N, d)
@@ -272,12 +271,19 @@ class WassersteinVQQuantizer(Quantizer):
     @dataclass
     class Params(Quantizer.Params):
         codebook_weight: float
-        wvq_commitment_weight: float
-        wasserstein_weight: float
-        wvq_codebook_lr: float
-        wvq_queue_size: int
         estimator: str
         chunk_size: int
+        wvq_commitment_weight: float = option(0.1, "Wasserstein VQ: weight of ||e - sg(z_q)||^2 (its codebook term "
+                                                   "takes codebook_weight)", check=(lambda w: w >= 0, ">= 0"))
+        wasserstein_weight: float = option(0.5, "Wasserstein VQ: weight of W2 (not squared) between Gaussian fits of "
+                                                "recent encoder outputs and of the codebook, both scaled by the "
+                                                "outputs' largest std", check=(lambda w: w >= 0, ">= 0"))
+        wvq_codebook_lr: float = option(0.02, "Wasserstein VQ: learning rate of the codebook's own Adam group "
+                                              "(betas 0.9, 0.95; gradient clipped to norm 1)",
+                                        check=(lambda lr: lr > 0, "> 0"))
+        wvq_queue_size: int = option(65536, "Wasserstein VQ: how many recent encoder outputs (of all ranks) the "
+                                            "Gaussian fit of the features is taken over",
+                                     check=(lambda n: n >= 2, ">= 2"))
 
     def __init__(self, params: "WassersteinVQQuantizer.Params", dim: int):
         super().__init__(params, dim)
@@ -346,9 +352,10 @@ class CVQQuantizer(Quantizer):
         commitment_weight: float
         codebook_weight: float
         decay: float
-        cvq_distance: str
         estimator: str
         chunk_size: int
+        cvq_distance: Literal["cos", "l2"] = option("cos", "CVQ: nearest code and anchors by cosine similarity (its "
+                                                           "code's default) or by Euclidean distance")
 
     def __init__(self, params: "CVQQuantizer.Params", dim: int):
         super().__init__(params, dim)

@@ -140,7 +140,7 @@ def val_images(config: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def code_counts(model: VQVAE, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+def code_histogram(model: VQVAE, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """Histogram (K,) of the hard codes the model (eval mode, as in validate) gives the uint8 images.
     BA codes depend on the batch (its marginal Q): pass the run's batch_size to reproduce its validation."""
     model.eval()

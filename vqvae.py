@@ -1,10 +1,12 @@
 """BA-VQ: VQ-VAEs on CIFAR-10 with interchangeable quantizers, for studying codebook utilization.
 
-One research module, read top to bottom: Config -> Data -> Encoder/Decoder -> Quantizers (the contract, VQ-EMA,
-Blahut-Arimoto) -> Model -> Metrics -> Train/Validate, then distributed setup and checkpoint I/O. Around it:
-`plumbing.py` (collectives, fast kernels, file writes, the metrics log), `baselines.py` (SimVQ, FSQ, Wasserstein VQ,
-CVQ, registered through the quantizer contract), `train.py` (a thin CLI over `train(cfg)`), `runs.py` (finished runs
-for analyze.ipynb and the sweeps). Nothing runs at import time.
+One research module, read top to bottom in its banner sections: Config (and the options quantizers register) ->
+Data -> Encoder / Decoder -> Quantizers (the contract and registry, VQ-EMA, Blahut-Arimoto) -> Model -> Metrics ->
+Train / Validate (the trainer, validation, the run, stopping on a signal) -> Checkpoint I/O (the checkpoint written,
+read and resumed from; the run folder). Around it: `plumbing.py` (devices and processes, collectives, fast kernels,
+file writes, the metrics log), `baselines.py` (SimVQ, FSQ, Wasserstein VQ, CVQ, registered through the quantizer
+contract with their options), `examples/my_quantizer.py` (a user's quantizer in one file), `train.py` (a thin CLI
+over `train(cfg)`), `runs.py` (finished runs for analyze.ipynb and the sweeps). Nothing runs at import time.
 
 Papers:
 - VQ-VAE, EMA codebook: van den Oord et al. 2017, "Neural Discrete Representation Learning" (arXiv:1711.00937).
@@ -20,12 +22,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
+import importlib.util
 import json
 import math
 import pickle
 import random
 import shutil
 import signal
+import sys
 import time
 import typing
 from dataclasses import dataclass, field
@@ -54,13 +59,19 @@ SAMPLE_PATH = REPO_DIR / "assets" / "cifar10_sample.npz"
 # Config
 # ################################################################################################################
 
-def _f(default, help: str, **metadata):
-    return field(default=default, metadata={"help": help, **metadata})
+def option(default, help: str, check: Optional[tuple[Callable[[typing.Any], bool], str]] = None, **metadata):
+    """A Config field, or a quantizer's own option in its Params: the default, one line of help (--help), and an
+    optional range check (predicate, what it asks): check=(lambda w: w >= 0, ">= 0") fails as 'w must be >= 0'."""
+    return field(default=default, metadata={"help": help, **({"check": check} if check else {}), **metadata})
+
+
+_f = option  # the short name Config's own fields use
 
 
 @dataclass
 class Config:
-    """Every hyperparameter and switch. Fields = YAML keys = --flags; defaults < YAML < flags."""
+    """Every hyperparameter and switch. Fields = YAML keys = --flags; defaults < YAML < flags. A registered
+    quantizer's own options join these fields when it registers (add_options)."""
     # run
     name: str = _f("", "run name; the run lives in <out_dir>/<name> (empty: <quantizer>_k<K>_<time>)")
     out_dir: str = _f("experiments", "folder that holds the run folders")
@@ -68,6 +79,9 @@ class Config:
     device: str = _f("auto", "auto (MPS > CUDA > CPU), cpu, cuda, cuda:1, mps")
     resume: bool = _f(False, "continue the run <out_dir>/<name> from its last checkpoint")
     overwrite: bool = _f(False, "replace an existing run folder of the same name")
+    imports: str = _f("baselines", "modules whose quantizers (and their options) the run needs, comma-separated: "
+                                   "module names or .py files, relative to the working directory; imported before "
+                                   "the rest of a config is read")
     # data
     dataset: Literal["cifar10", "cifar10-sample"] = _f("cifar10", "cifar10 (torchvision) or the bundled sample")
     data_dir: str = _f("./data", "folder with (or to download) cifar-10-batches-py")
@@ -108,19 +122,6 @@ class Config:
     kmeans_iters: int = _f(10, "Lloyd iterations of the k-means initialisation")
     dead_code_threshold: float = _f(1.0, "restart codes that are the hard code of fewer vectors per step (EMA) "
                                          "than this (0: off, the seeds); vq_ema and ba_vq")
-    # the baselines of baselines.py: each default is its official code's
-    fsq_levels: str = _f("", "FSQ: levels per latent channel, e.g. '8,5,5,5' (K is their product and codebook_size "
-                             "is unused); empty: the paper's recommended levels for codebook_size")
-    wasserstein_weight: float = _f(0.5, "Wasserstein VQ: weight of W2 (not squared) between Gaussian fits of recent "
-                                        "encoder outputs and of the codebook, both scaled by the outputs' largest std")
-    wvq_commitment_weight: float = _f(0.1, "Wasserstein VQ: weight of ||e - sg(z_q)||^2 (its codebook term takes "
-                                           "codebook_weight)")
-    wvq_codebook_lr: float = _f(0.02, "Wasserstein VQ: learning rate of the codebook's own Adam group (betas 0.9, "
-                                      "0.95; gradient clipped to norm 1)")
-    wvq_queue_size: int = _f(65536, "Wasserstein VQ: how many recent encoder outputs (of all ranks) the Gaussian fit "
-                                    "of the features is taken over")
-    cvq_distance: Literal["cos", "l2"] = _f("cos", "CVQ: nearest code and anchors by cosine similarity (its code's "
-                                                   "default) or by Euclidean distance")
     estimator: Literal["ste", "rotation"] = _f("ste", "gradient to the encoder: straight-through or rotation trick")
     chunk_size: int = _f(4096, "encoder vectors per chunk in distance and soft-assignment passes")
     # optimisation
@@ -152,8 +153,8 @@ class Config:
             near = difflib.get_close_matches(self.quantizer, QUANTIZERS, n=1)
             raise UserError(f"quantizer must be one of {', '.join(sorted(QUANTIZERS))}, got {self.quantizer!r}"
                             + (f" (did you mean '{near[0]}'?)" if near else
-                               " (a quantizer defined outside vqvae.py registers when its module is imported, "
-                               "e.g. `import baselines`)"))
+                               " (a quantizer defined outside vqvae.py registers when its module is imported: "
+                               "--import MODULE, or the config key imports)"))
         checks = [
             (self.codebook_size >= 2, "codebook_size must be >= 2"),
             (self.ba_iters >= 1, "ba_iters must be >= 1"),
@@ -174,13 +175,15 @@ class Config:
             (self.log_every >= 0, "log_every must be >= 0 (0: auto)"),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
             (self.latent_dim is None or self.latent_dim >= 1, "latent_dim must be >= 1"),
-            (self.wvq_queue_size >= 2, "wvq_queue_size must be >= 2"),
-            (self.wvq_codebook_lr > 0, "wvq_codebook_lr must be > 0"),
             (self.rfid_every >= 0, "rfid_every must be >= 0 (0: at the end only)"),
         ]
         for name in ("commitment_weight", "codebook_weight", "entropy_weight", "weight_decay",
-                     "dead_code_threshold", "wasserstein_weight", "wvq_commitment_weight"):
+                     "dead_code_threshold"):
             checks.append((getattr(self, name) >= 0, f"{name} must be >= 0"))
+        for f in dataclasses.fields(self):  # the range checks the quantizers' options declare
+            if "check" in f.metadata:
+                ok, requirement = f.metadata["check"]
+                checks.append((ok(getattr(self, f.name)), f"{f.name} must be {requirement}"))
         for ok, msg in checks:
             if not ok:
                 raise UserError(msg)
@@ -193,6 +196,81 @@ class Config:
 
 def config_fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(Config)}
+
+
+def add_options(quantizer: str, params: type) -> None:
+    """Config gains the options a quantizer's Params declares (its fields made with `option`): each becomes a field,
+    so a YAML key, a --flag (grouped under the quantizer in --help), a checked value and a checkpoint entry.
+    Config is rebuilt in place, so every `from vqvae import Config` sees them. An option another quantizer declared
+    the same way (type and default) is shared; any other Params field must name a Config field."""
+    hints, known, new = typing.get_type_hints(params), config_fields(), {}
+    for f in dataclasses.fields(params):
+        old = known.get(f.name)
+        if "help" not in f.metadata:
+            if old is None:
+                raise TypeError(f"{params.__qualname__}.{f.name}: Params fields must be Config fields or options "
+                                f"declared with vqvae.option(default, help)")
+        elif old is None:
+            new[f.name] = field(default=f.default, metadata={**f.metadata, "quantizer": quantizer})
+        elif "quantizer" not in old.metadata or (typing.get_type_hints(Config)[f.name], old.default) != (
+                hints[f.name], f.default):
+            raise TypeError(f"{params.__qualname__}.{f.name}: already a Config field, declared otherwise")
+    if new:
+        _extend_config(new, hints)
+
+
+def _extend_config(new: dict[str, dataclasses.Field], hints: dict):
+    """Config rebuilt in place with the new fields after its own (their types in `hints`)."""
+    known = config_fields()
+    for name in ("__init__", "__repr__", "__eq__", "__hash__", "__match_args__"):  # dataclass() keeps what exists
+        if name in Config.__dict__:
+            delattr(Config, name)
+    Config.__annotations__.update({name: hints[name] for name in new})
+    for name, f in {**known, **new}.items():  # dataclass() reads each field's declaration from the class
+        setattr(Config, name, f)
+    dataclass(Config)
+
+
+_IMPORTED: set[str] = set()  # the entries of `imports` done in this process
+
+
+def import_modules(imports: str) -> None:
+    """Import each module of a comma-separated list, a module name or a .py file relative to the working
+    directory, so the quantizers and options it registers are known (once per entry and process)."""
+    if not isinstance(imports, str):
+        raise UserError(f"imports must be a comma-separated str of modules, got {imports!r}")
+    for item in [s.strip() for s in imports.split(",") if s.strip() and s.strip() not in _IMPORTED]:
+        if item.endswith(".py"):
+            _import_file(Path(item))
+        else:
+            sys.path.insert(0, str(Path.cwd()))  # a module name, found from the working directory first
+            try:
+                importlib.import_module(item)
+            except ModuleNotFoundError as err:
+                if err.name not in (item, item.split(".")[0]):  # a module the user's module imports
+                    raise
+                raise UserError(f"imports: no module {item} (nor {item}.py in {Path.cwd()})") from None
+            finally:
+                sys.path.remove(str(Path.cwd()))
+        _IMPORTED.add(item)
+
+
+def _import_file(path: Path):
+    """The .py file as the module named by its stem (where dataclasses and pickle look it up)."""
+    if not path.is_file():
+        raise UserError(f"imports: no file {path} (relative to {Path.cwd()})")
+    loaded = sys.modules.get(path.stem)
+    if loaded is not None:
+        if Path(getattr(loaded, "__file__", None) or "").resolve() != path.resolve():
+            raise UserError(f"imports: {path}: a module named {path.stem} is imported already; rename the file")
+        return
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    sys.modules[path.stem] = module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[path.stem]
+        raise
 
 
 def _check_types(cfg: Config):
@@ -222,7 +300,9 @@ def _check_types(cfg: Config):
 
 
 def make_config(overrides: dict) -> Config:
-    """Config from a dict of overrides, with unknown keys reported by their nearest valid name."""
+    """Config from a dict of overrides, with unknown keys reported by their nearest valid name. The modules named
+    by `imports` are imported first, so the quantizers and options they register are known."""
+    import_modules(overrides.get("imports", Config.imports))
     known = config_fields()
     for key in overrides:
         if key not in known:
@@ -266,7 +346,8 @@ def resolve_config(config_file: Optional[str], flags: dict) -> Config:
 
 # Fields that may differ when a run is resumed: they change neither the model nor its training trajectory's state.
 RESUMABLE_CHANGES = {"epochs", "log_every", "checkpoint_every", "wandb", "wandb_project", "resume", "overwrite",
-                     "device", "data_dir", "out_dir", "compile", "deterministic", "rfid", "rfid_every", "lpips"}
+                     "device", "data_dir", "out_dir", "compile", "deterministic", "rfid", "rfid_every", "lpips",
+                     "imports"}
 
 
 # ################################################################################################################
@@ -437,20 +518,21 @@ def make_decoder(arch: str, dim: int) -> nn.Module:
 # loss terms, statistics and updates), then `decoder_input(e, z_q)`, the gradient's way back to e (straight-through
 # or the rotation trick by default). A method writes `quantize` and, if it needs them, the hooks above.
 #
-# Hyperparameters: each class names its own in a `Params` dataclass whose fields are Config fields;
-# make_quantizer(cfg, dim) fills them, so a quantizer never sees the rest of the Config.
-# A new method: subclass Quantizer, then `@register_quantizer("name")`. The name becomes a valid `--quantizer`.
-# baselines.py registers the published baselines (SimVQ, FSQ, Wasserstein VQ, CVQ) this way, from outside.
+# Hyperparameters: each class names those it reads in a `Params` dataclass: Config fields it shares (no default), and
+# options of its own, declared with `option(default, help, check)`, which registering adds to the Config (flags,
+# YAML keys, checks, checkpoints); make_quantizer(cfg, dim) fills them, so a quantizer never sees the rest of the
+# Config. A new method: subclass Quantizer, then `@register_quantizer("name")`. The name becomes a valid
+# `--quantizer`. baselines.py registers the published baselines (SimVQ, FSQ, Wasserstein VQ, CVQ) this way, from
+# outside, options included; a user's module does the same (`--import MODULE`; README, "How to add a quantizer").
 
 QUANTIZERS: dict[str, type["Quantizer"]] = {}
 
 
 def register_quantizer(name: str) -> Callable[[type], type]:
-    """Class decorator: adds the quantizer to QUANTIZERS under `name` (the --quantizer value)."""
+    """Class decorator: adds the quantizer to QUANTIZERS under `name` (the --quantizer value), and the options its
+    Params declares to the Config."""
     def add(cls):
-        missing = [f.name for f in dataclasses.fields(cls.Params) if f.name not in config_fields()]
-        if missing:
-            raise TypeError(f"{cls.__name__}.Params fields must be Config fields; not: {', '.join(missing)}")
+        add_options(name, cls.Params)
         QUANTIZERS[name] = cls
         cls.name = name
         return cls
@@ -584,12 +666,12 @@ class CodebookQuantizer(Quantizer):
 
     Names: ema_count is the EMA cluster size N_k of van den Oord et al. (soft for BA), ema_sum the EMA of the sums
     of the vectors assigned to each code (EMA codebooks only); a code's hard count, the EMA of how many vectors
-    had it as their code per step, is the buffer HARD_COUNTS names (ema_count itself for VQ-EMA), by which a code
-    is judged dead. Invariant kept by every update: codebook == ema_sum / smoothed(ema_count) for EMA codebooks.
-    The EMA starts from one pseudo-count per code at the initial codebook, so it holds from the first step even
-    without k-means (an unused code then keeps its place instead of collapsing to the origin).
+    had it as their code per step, by which a code is judged dead, is ema_count itself for VQ-EMA (BA keeps its
+    own, use_count), and each quantizer hands it to _restart_dead. Invariant kept by every update:
+    codebook == ema_sum / smoothed(ema_count) for EMA codebooks. The EMA starts from one pseudo-count per code at the
+    initial codebook, so it holds from the first step even without k-means (an unused code then keeps its place
+    instead of collapsing to the origin).
     """
-    HARD_COUNTS: ClassVar[str] = "ema_count"
 
     @dataclass
     class Params(Quantizer.Params):
@@ -661,11 +743,12 @@ class CodebookQuantizer(Quantizer):
         self._resync_sums()
 
     @torch.no_grad()
-    def _restart_dead(self, e: torch.Tensor) -> torch.Tensor:
-        """Re-seed codes whose hard count fell below dead_code_threshold from random encoder vectors of this batch,
-        their counts set to the threshold (alive until they decay unused). A random row is drawn for every code and
-        kept for the dead ones, so the step needs no host sync to count them. Returns how many restarted."""
-        threshold, hard = self.hp.dead_code_threshold, getattr(self, self.HARD_COUNTS)
+    def _restart_dead(self, e: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+        """Re-seed codes whose hard count (`hard`, (K,), a buffer) fell below dead_code_threshold from random encoder
+        vectors of this batch, their counts set to the threshold (alive until they decay unused). A random row is
+        drawn for every code and kept for the dead ones, so the step needs no host sync to count them. Returns how
+        many restarted."""
+        threshold = self.hp.dead_code_threshold
         dead = hard < threshold  # (K,)
         self.codebook.data.copy_(torch.where(dead[:, None], random_rows(e, self.K), self.codebook))
         self.ema_count.masked_fill_(dead, threshold)
@@ -747,7 +830,7 @@ class VQEMAQuantizer(CodebookQuantizer):
             if self.training:
                 self._ema_update(code_counts(idx, self.K, e.dtype), scatter_sum(idx, e, self.K))
                 if hp.dead_code_threshold > 0:
-                    metrics["restarts"] = self._restart_dead(e)
+                    metrics["restarts"] = self._restart_dead(e, self.ema_count)  # its cluster sizes are hard counts
         return Quantized(z_q, idx, vq_losses(e, z_q, hp.commitment_weight), metrics)
 
 
@@ -1175,7 +1258,6 @@ class BAQuantizer(CodebookQuantizer):
     as does dbar, so a step reads nothing back from it but whether some Q underflowed (`_log_colsum`).
     The seeds' method is registered as `ba_seed` (soft, entropy, absolute, batch), whatever these options say.
     """
-    HARD_COUNTS: ClassVar[str] = "use_count"
     TOPK_PROBE_STRIDE = 8  # training measures the top-k dropped mass on every 8th latent: 1/8 of a GEMM
     assign = staticmethod(ba_assign)  # the E-M pass; bench.py swaps in ba_assign_direct on an instance
 
@@ -1275,7 +1357,7 @@ class BAQuantizer(CodebookQuantizer):
         if self.training:
             self._update(ba, e.detach())
             if hp.dead_code_threshold > 0:
-                metrics["restarts"] = self._restart_dead(e.detach())
+                metrics["restarts"] = self._restart_dead(e.detach(), self.use_count)
         return Quantized(z_q, idx, losses, metrics)
 
     def _assign(self, e, C, log_Q0, beta, ema: bool, hard: bool) -> tuple[BAResult, dict]:
@@ -1646,8 +1728,8 @@ class Trainer:
             print(epoch_line(self.epoch, self.cfg.epochs, train_means, val, self.model.quantizer.report(), seconds))
             # last.pt after the periodic file: a run killed in between redoes the epoch and writes both
             if self.epoch % self.cfg.checkpoint_every == 0:
-                self.save(f"checkpoint_epoch{self.epoch}.pt")
-            self.save("last.pt")
+                save_checkpoint(self, f"checkpoint_epoch{self.epoch}.pt")
+            save_checkpoint(self, "last.pt")
         return val
 
     def stop_agreed(self, stop: "StopFlag", anytime: bool = False) -> bool:
@@ -1672,52 +1754,9 @@ class Trainer:
         sums = self._rank_mean(self.epoch_sums, list(self.epoch_sums))
         return {k: (v / n).item() for k, v in sums.items()}
 
-    # -- state --------------------------------------------------------------------------------------------------
-    def state(self, resumable: bool = True) -> dict:
-        """One self-describing dict: config, model and metrics; with `resumable`, also everything needed to
-        continue bit-exactly (optimizer, step counters, schedule, RNG states)."""
-        state = {"format": CHECKPOINT_FORMAT, "config": config_to_dict(self.cfg), "model": self.model.state_dict(),
-                 "step": self.step, "epoch": self.epoch, "val_metrics": self.val_metrics}
-        if resumable:
-            state.update({
-                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "step_in_epoch": self.step_in_epoch, "epoch_sums": self.epoch_sums,
-                "schedule": {"anchor": self.schedule_anchor, "total_steps": self.total_steps},
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}})
-        return state
-
-    def save(self, filename: str, resumable: bool = True) -> Path:
-        state = self.state(resumable)
-        return atomic_write(self.run_dir / filename, lambda fh: torch.save(state, fh))
-
-    def restore(self, state: dict):
-        """Continue from a resumable state (last.pt): the inverse of state()."""
-        self.model.load_state_dict(state["model"])
-        try:
-            self.optimizer.load_state_dict(state["optimizer"])
-        except ValueError as err:  # e.g. a quantizer that has since gained an optimizer group or a parameter
-            raise UserError(f"--resume: the checkpoint's optimizer does not fit this model ({err}); it was written "
-                            f"by a version of {self.cfg.quantizer} that trained other parameters") from None
-        self.scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-        self.epoch_sums = {k: v.to(self.device) for k, v in state["epoch_sums"].items()}
-        self.val_metrics = state.get("val_metrics")
-        schedule = state.get("schedule", {"anchor": (0, 0.0), "total_steps": self.total_steps})
-        self.schedule_anchor = tuple(schedule["anchor"])
-        if schedule["total_steps"] != self.total_steps:  # resumed with other epochs: continue from where it stood
-            self.schedule_anchor = (self.step, schedule_progress(self.step, self.schedule_anchor,
-                                                                 schedule["total_steps"]))
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-
     def write_final(self, metrics: dict):
         """final_model.pt (the checkpoint format minus the optimizer), reconstructions.png, final_metrics.json."""
-        self.save("final_model.pt", resumable=False)
+        save_checkpoint(self, "final_model.pt", resumable=False)
         save_reconstructions(self.model, self.val_batches, self.run_dir / "reconstructions.png",
                              title=f"{self.cfg.name}: validation PSNR {metrics.get('psnr', math.nan):.2f} dB")
         # written last: sweeps take final_metrics.json as the sign of a finished run
@@ -1801,7 +1840,7 @@ def train(cfg: Config) -> dict:
     ckpt = check_run_dir(cfg, run_dir)
     trainer = Trainer(cfg, run_dir, device, rank, world)
     if ckpt is not None:
-        trainer.restore(ckpt)
+        restore_trainer(trainer, ckpt)
     if rank == 0:
         prepare_run_dir(cfg, run_dir, resume=ckpt is not None)
     wandb = {"project": cfg.wandb_project, "name": cfg.name, "config": config_to_dict(cfg)} if cfg.wandb else None
@@ -1836,7 +1875,7 @@ def _train_loop(trainer: Trainer, logger: "Logger", stop: "StopFlag") -> dict:
             trainer.check_finite()
             if not finished:
                 if trainer.rank == 0:
-                    trainer.save("last.pt")
+                    save_checkpoint(trainer, "last.pt")
                 raise Interrupted(stop.signum, trainer)
             trainer.end_epoch(logger, t0)
             if trainer.stop_agreed(stop, anytime=True):  # signalled during validation: last.pt was just written
@@ -1893,11 +1932,68 @@ def _print_header(cfg: Config, trainer: Trainer, device, rank: int):
           + (f" | resuming at step {trainer.step}" if trainer.step else ""))
 
 
+# -- stopping on a signal -----------------------------------------------------------------------------------------
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints, and exits 130/143."""
+
+    def __init__(self):
+        self.requested, self.signum, self._old = False, None, {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. a notebook worker): signals stay as they are
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested, self.signum = True, signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Interrupted(Exception):
+    """Raised after a stop signal once last.pt holds the state; the CLI exits 128 + signum (130 / 143)."""
+
+    def __init__(self, signum: Optional[int], trainer: "Trainer"):
+        cfg = trainer.cfg
+        signum = signum or signal.SIGTERM  # a rank that stops because another rank was signalled
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {trainer.step}; checkpoint "
+                         f"{trainer.run_dir / 'last.pt'} written; continue with --resume --name {cfg.name} "
+                         f"--out_dir {cfg.out_dir}")
+        self.exit_code = 128 + signum
+
+
 # ################################################################################################################
 # Checkpoint I/O
 # ################################################################################################################
 
 CHECKPOINT_FORMAT = 2  # 2: final_model.pt shares last.pt's format (minus optimizer); the schedule anchor is saved
+
+
+def trainer_state(trainer: Trainer, resumable: bool = True) -> dict:
+    """One self-describing dict: config, model and metrics; with `resumable`, also everything needed to continue
+    bit-exactly (optimizer, step counters, schedule, RNG states)."""
+    state = {"format": CHECKPOINT_FORMAT, "config": config_to_dict(trainer.cfg), "model": trainer.model.state_dict(),
+             "step": trainer.step, "epoch": trainer.epoch, "val_metrics": trainer.val_metrics}
+    if resumable:
+        state.update({
+            "optimizer": trainer.optimizer.state_dict(), "scaler": trainer.scaler.state_dict(),
+            "step_in_epoch": trainer.step_in_epoch, "epoch_sums": trainer.epoch_sums,
+            "schedule": {"anchor": trainer.schedule_anchor, "total_steps": trainer.total_steps},
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}})
+    return state
+
+
+def save_checkpoint(trainer: Trainer, filename: str, resumable: bool = True) -> Path:
+    """trainer_state into the run folder, atomically (last.pt, checkpoint_epoch{N}.pt, final_model.pt)."""
+    state = trainer_state(trainer, resumable)
+    return atomic_write(trainer.run_dir / filename, lambda fh: torch.save(state, fh))
 
 
 def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
@@ -1913,6 +2009,7 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
     fmt = state.get("format", 1)  # format 1 files carry no number
     if not (isinstance(fmt, int) and 1 <= fmt <= CHECKPOINT_FORMAT):
         raise UserError(f"{path} has checkpoint format {fmt!r}; this version reads formats 1 to {CHECKPOINT_FORMAT}")
+    import_modules(state["config"].get("imports", Config.imports))  # the quantizer may be registered there
     cls = QUANTIZERS.get(state["config"].get("quantizer"))
     if cls is not None:  # an unregistered name fails in make_config, with the list of registered ones
         state["config"] = cls.upgrade_config(dict(state["config"]))
@@ -1925,6 +2022,31 @@ def load_checkpoint(path: str | Path, device="cpu") -> tuple[VQVAE, dict]:
     model = VQVAE(make_config(state["config"]))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), state
+
+
+def restore_trainer(trainer: Trainer, state: dict):
+    """Continue from a resumable state (last.pt): the inverse of trainer_state."""
+    trainer.model.load_state_dict(state["model"])
+    try:
+        trainer.optimizer.load_state_dict(state["optimizer"])
+    except ValueError as err:  # e.g. a quantizer that has since gained an optimizer group or a parameter
+        raise UserError(f"--resume: the checkpoint's optimizer does not fit this model ({err}); it was written "
+                        f"by a version of {trainer.cfg.quantizer} that trained other parameters") from None
+    trainer.scaler.load_state_dict(state["scaler"])
+    trainer.step, trainer.epoch, trainer.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+    trainer.epoch_sums = {k: v.to(trainer.device) for k, v in state["epoch_sums"].items()}
+    trainer.val_metrics = state.get("val_metrics")
+    schedule = state.get("schedule", {"anchor": (0, 0.0), "total_steps": trainer.total_steps})
+    trainer.schedule_anchor = tuple(schedule["anchor"])
+    if schedule["total_steps"] != trainer.total_steps:  # resumed with other epochs: continue from where it stood
+        trainer.schedule_anchor = (trainer.step, schedule_progress(trainer.step, trainer.schedule_anchor,
+                                                                   schedule["total_steps"]))
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 RESUME_KEYS = ("config", "model", "optimizer", "scaler", "step", "epoch", "step_in_epoch", "epoch_sums", "rng")
@@ -1974,37 +2096,3 @@ def write_config(cfg: Config, run_dir: Path):
     run_dir.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     atomic_write(run_dir / "config.yaml", lambda fh: fh.write(text.encode()))
-
-
-class StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints, and exits 130/143."""
-
-    def __init__(self):
-        self.requested, self.signum, self._old = False, None, {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. a notebook worker): signals stay as they are
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested, self.signum = True, signum
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-class Interrupted(Exception):
-    """Raised after a stop signal once last.pt holds the state; the CLI exits 128 + signum (130 / 143)."""
-
-    def __init__(self, signum: Optional[int], trainer: "Trainer"):
-        cfg = trainer.cfg
-        signum = signum or signal.SIGTERM  # a rank that stops because another rank was signalled
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {trainer.step}; checkpoint "
-                         f"{trainer.run_dir / 'last.pt'} written; continue with --resume --name {cfg.name} "
-                         f"--out_dir {cfg.out_dir}")
-        self.exit_code = 128 + signum

@@ -115,9 +115,9 @@ def model_and_images(request):
     return model, images
 
 
-def test_code_counts_agree_with_validate(model_and_images):
+def test_code_histogram_agrees_with_validate(model_and_images):
     model, images = model_and_images
-    counts = runs.code_counts(model, images, batch=10)
+    counts = runs.code_histogram(model, images, batch=10)
     assert counts.shape == (16,) and counts.sum().item() == len(images) * 64
     val = vqvae.validate(model, vqvae.Batches(images, 10, "cpu", shuffle=False))
     stats = vqvae.codebook_stats(counts)

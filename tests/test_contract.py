@@ -1,9 +1,15 @@
-"""The quantizer contract: a quantizer defined and registered outside vqvae.py trains, logs and resumes."""
+"""The quantizer contract: a quantizer defined and registered outside vqvae.py trains, logs and resumes, and its
+options join the Config, the flags, --help and the checks; today's records load with every value."""
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import runs
 import sweep
@@ -12,15 +18,24 @@ import vqvae
 from helpers import as_if_killed_after_epoch_1
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 class ShrinkVQ(vqvae.VQEMAQuantizer):
-    """VQ-EMA plus an extra named loss term and an annealed weight: exercises every part of the contract."""
+    """VQ-EMA plus an extra named loss term and an annealed weight, whose end value is an option of its own:
+    exercises every part of the contract."""
+
+    @dataclasses.dataclass
+    class Params(vqvae.VQEMAQuantizer.Params):
+        shrink_max: float = vqvae.option(0.01, "shrink_vq: the shrink term's weight at the end of the run",
+                                         check=(lambda w: w >= 0, ">= 0"))
 
     def __init__(self, params, dim):
         super().__init__(params, dim)
         self.weight = 0.0
 
     def schedule(self, progress):
-        self.weight = 0.01 * progress
+        self.weight = self.hp.shrink_max * progress
 
     def report(self):
         return {"shrink_weight": self.weight}
@@ -58,6 +73,8 @@ def test_registered_quantizer_trains_logs_and_resumes(tmp_path):
     assert final["shrink_loss"] > 0 and final["shrink_weight"] == pytest.approx(0.01)  # report() at the end
     model, state = vqvae.load_checkpoint(run_dir / "final_model.pt")
     assert type(model.quantizer) is ShrinkVQ and "optimizer" not in state and state["format"] == vqvae.CHECKPOINT_FORMAT
+    assert state["config"]["shrink_max"] == 0.01 and yaml.safe_load((run_dir / "config.yaml").read_text())[
+        "shrink_max"] == 0.01  # the option is saved with the run
     rows = sweep.collect_results([("toy", tiny_cfg(tmp_path, name="straight"))])
     assert rows[0]["shrink_loss"] == final["shrink_loss"]  # every final metric reaches the sweep table
 
@@ -82,10 +99,81 @@ def test_params_name_only_config_fields_and_each_quantizer_gets_its_own():
     with pytest.raises(TypeError, match="Config fields"):
         @dataclasses.dataclass
         class Bad(vqvae.Quantizer.Params):
-            not_a_config_field: int = 0
+            not_a_config_field: int = 0  # neither a Config field nor declared with option()
 
         vqvae.register_quantizer("bad")(type("BadQ", (vqvae.Quantizer,), {"Params": Bad}))
     assert "bad" not in vqvae.QUANTIZERS
+
+
+def test_options_join_the_flags_help_yaml_keys_and_checks():
+    assert vqvae.Config().shrink_max == 0.01 and vqvae.make_config({"shrink_max": 0.5}).shrink_max == 0.5
+    parser = train_cli.build_parser()
+    text = parser.format_help()
+    main, group = text.split("options of --quantizer shrink_vq:")
+    assert "--shrink_max" not in main[main.index("options:"):]  # in its quantizer's group, not with Config's own
+    assert group.index("--shrink_max") < group.index("the shrink term's weight") < group.index("default: 0.01")
+    _, flags = train_cli.parse(["--quantizer", "shrink_vq", "--shrink_max", "0.02"])
+    assert vqvae.make_config(flags).shrink_max == 0.02
+    with pytest.raises(vqvae.UserError, match="shrink_max must be >= 0"):
+        vqvae.make_config({"shrink_max": -1.0})
+    with pytest.raises(vqvae.UserError, match="shrink_max must be float"):
+        vqvae.make_config({"shrink_max": "big"})
+    with pytest.raises(vqvae.UserError, match="did you mean 'shrink_max'"):
+        vqvae.make_config({"shrnk_max": 0.1})
+    with pytest.raises(vqvae.UserError, match="did you mean --shrink_max"):
+        train_cli.parse(["--shrink_mx", "0.1"])
+
+
+def test_an_option_is_declared_once():
+    vqvae.add_options("shrink_again", ShrinkVQ.Params)  # the same declaration: shared, nothing changes
+    for name, default in [("shrink_max", 0.5), ("lr", 0.1)]:  # another quantizer's option, a Config field
+        Other = dataclasses.make_dataclass("Other", [(name, float, vqvae.option(default, "another"))],
+                                           bases=(vqvae.Quantizer.Params,))
+        with pytest.raises(TypeError, match="already a Config field"):
+            vqvae.add_options("other", Other)
+    assert vqvae.Config().shrink_max == 0.01 and vqvae.Config().lr == 3e-4
+
+
+def test_imports_read_before_the_flags():
+    assert train_cli.run_imports(["--quantizer", "mine", "--import", "a.py", "--import", "b"]) == "baselines,a.py,b"
+
+
+def test_an_import_that_is_not_there_is_one_error_line():
+    with pytest.raises(vqvae.UserError, match="no module no_such_quantizer_module"):
+        vqvae.make_config({"imports": "baselines,no_such_quantizer_module"})
+    with pytest.raises(vqvae.UserError, match="no file nowhere/mine.py"):
+        vqvae.make_config({"imports": "nowhere/mine.py"})
+
+
+RECORDS = sorted(ROOT.glob("results/*/*/config.yaml"))
+
+
+def test_todays_records_load_with_every_value():
+    """The config.yaml of every committed run, written when the baselines' options were vqvae.Config fields."""
+    assert len(RECORDS) > 100
+    for path in RECORDS:
+        record = vqvae.read_yaml(path)
+        loaded = vqvae.config_to_dict(vqvae.make_config(record))
+        assert {k: loaded[k] for k in record} == record, path
+
+
+def test_a_checkpoint_of_todays_format_loads_with_vqvae_alone(tmp_path):
+    """A checkpoint whose config is a committed record's (every baseline's option in it, Wasserstein VQ's from
+    before its defaults changed), rebuilt in a process that imported vqvae only: `imports` defaults to baselines."""
+    record = vqvae.read_yaml(ROOT / "results" / "ba_16k_options" / "beta_10_to_100_s1337" / "config.yaml")
+    assert record["wasserstein_weight"] == 0.1 and "imports" not in record
+    config = {**record, "quantizer": "wasserstein_vq", "arch": "compact", "latent_dim": 4, "codebook_size": 8,
+              "wvq_queue_size": 32}
+    model = vqvae.VQVAE(vqvae.make_config(config))
+    torch.save({"config": config, "model": model.state_dict()}, tmp_path / "old.pt")  # format 1: no number
+    code = ("import vqvae\n"
+            "assert not {'fsq_levels', 'wvq_queue_size', 'cvq_distance'} & set(vqvae.config_fields())\n"
+            "model, _ = vqvae.load_checkpoint('old.pt')\n"
+            "print(type(model.quantizer).__name__, model.quantizer.hp.wasserstein_weight, len(model.quantizer.queue))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["WassersteinVQQuantizer", "0.1", "32"]
 
 
 # -- every registered quantizer (vqvae.py's and baselines.py's; not those tests define), properties of the contract --

@@ -228,7 +228,7 @@ def test_checkpoint_restores_every_rng_state(data_dir, tmp_path):
                              "device": "cpu", "wandb": False})
     trainer = vqvae.Trainer(cfg, tmp_path, torch.device("cpu"))
     trainer.step, trainer.epoch, trainer.step_in_epoch = 11, 1, 3
-    trainer.save("last.pt")
+    vqvae.save_checkpoint(trainer, "last.pt")
 
     def draws():
         return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
@@ -236,7 +236,7 @@ def test_checkpoint_restores_every_rng_state(data_dir, tmp_path):
     expected = draws()
     vqvae.set_seed(12345)
     trainer.step = trainer.epoch = trainer.step_in_epoch = 0
-    trainer.restore(vqvae.read_checkpoint(tmp_path / "last.pt"))
+    vqvae.restore_trainer(trainer, vqvae.read_checkpoint(tmp_path / "last.pt"))
     assert draws() == expected
     assert (trainer.step, trainer.epoch, trainer.step_in_epoch) == (11, 1, 3)
 
