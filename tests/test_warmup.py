@@ -88,6 +88,19 @@ def test_warmup_length_is_checked(tmp_path):
         vqvae.Trainer(tiny_cfg(tmp_path, ae_warmup_steps=10), tmp_path, torch.device("cpu"))
 
 
+def test_resume_with_other_epochs_keeps_the_switch(tmp_path):
+    """ae_warmup_frac is of the total at the run's start: a run resumed with more epochs switches where it would
+    have, and its schedule starts there from 0."""
+    trainer = vqvae.Trainer(tiny_cfg(tmp_path, ae_warmup_steps=0, ae_warmup_frac=0.5), tmp_path, torch.device("cpu"))
+    steps(trainer, trainer.train_batches.epoch(0), 2)
+    trainer.save("last.pt")
+    longer = vqvae.Trainer(tiny_cfg(tmp_path, ae_warmup_steps=0, ae_warmup_frac=0.5, epochs=2), tmp_path,
+                           torch.device("cpu"))
+    assert longer.warmup_steps == 10
+    longer.restore(vqvae.read_checkpoint(tmp_path / "last.pt"))
+    assert (longer.warmup_steps, longer.schedule_anchor, longer.model.phase) == (5, (5, 0.0), "ae")
+
+
 # -- end to end: a quantizer from outside vqvae.py, logged, checkpointed and resumed across the switch ------------------
 
 SWITCH = 13  # 10 steps an epoch: the quantizer joins in the middle of epoch 2
