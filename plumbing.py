@@ -115,7 +115,9 @@ def ddp_device(name: str, rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def ddp_wrap(model: nn.Module, device: torch.device) -> nn.Module:
+def ddp_wrap(model: nn.Module, device: torch.device, find_unused_parameters: bool = False) -> nn.Module:
+    """find_unused_parameters: some parameters may get no gradient in a step (DDP then finds them each step; those
+    unused on every rank keep grad None)."""
     ddp = nn.parallel.DistributedDataParallel
     # CPU conv backward gives 1x1 weights' grads other (equivalent) strides than DDP's buckets: one copy, no harm
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
@@ -123,7 +125,7 @@ def ddp_wrap(model: nn.Module, device: torch.device) -> nn.Module:
     no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters \
         else "broadcast_buffers"  # the older name
     return ddp(model, device_ids=[device] if device.type == "cuda" else None, **{no_sync: False},
-               gradient_as_bucket_view=True)
+               gradient_as_bucket_view=True, find_unused_parameters=find_unused_parameters)
 
 
 # ################################################################################################################

@@ -131,6 +131,14 @@ class Config:
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _f("auto", "autocast dtype (auto: bf16 on CUDA, else fp32)")
     compile: bool = _f(False, "torch.compile the whole model, quantizer included")
+    # AE warm-up (Zhao et al. 2026): the first steps train a plain autoencoder, the quantizer bypassed
+    ae_warmup_steps: int = _f(0, "steps at the start that train the encoder and decoder alone, the decoder "
+                                 "seeing the encoder's output (0: none); then the quantizer joins, initialised as "
+                                 "at a run's first step, with a fresh optimizer")
+    ae_warmup_frac: float = _f(0.0, "the warm-up as a fraction of the run's total steps, rounded (instead of "
+                                    "ae_warmup_steps)")
+    ae_warmup_keep_optimizer: bool = _f(False, "keep the optimizer's state at the end of the warm-up (default: "
+                                               "a fresh one, as Zhao et al.)")
     # perceptual metrics of the test split (perceptual.py; weights: tools/get_metric_weights.py)
     rfid: Literal["auto", "on", "off"] = _f("auto", "rFID of the reconstructions in the final metrics (auto: on "
                                                    "CUDA; on a 2-core CPU an evaluation takes minutes)")
@@ -176,6 +184,9 @@ class Config:
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
             (self.latent_dim is None or self.latent_dim >= 1, "latent_dim must be >= 1"),
             (self.rfid_every >= 0, "rfid_every must be >= 0 (0: at the end only)"),
+            (self.ae_warmup_steps >= 0, "ae_warmup_steps must be >= 0 (0: no warm-up)"),
+            (0 <= self.ae_warmup_frac < 1, "ae_warmup_frac must be in [0, 1)"),
+            (not (self.ae_warmup_steps and self.ae_warmup_frac), "give ae_warmup_steps or ae_warmup_frac, not both"),
         ]
         for name in ("commitment_weight", "codebook_weight", "entropy_weight", "weight_decay",
                      "dead_code_threshold"):
@@ -517,6 +528,11 @@ def make_decoder(arch: str, dim: int) -> nn.Module:
 # `forward` is written once, here: flatten to e (N, D) in float32, `quantize(e)` (each method's own part: its codes,
 # loss terms, statistics and updates), then `decoder_input(e, z_q)`, the gradient's way back to e (straight-through
 # or the rotation trick by default). A method writes `quantize` and, if it needs them, the hooks above.
+#
+# First-batch initialisation (k-means, dbar, ...) happens in a quantizer's first training forward, not at
+# construction. An AE warm-up (Config.ae_warmup_steps) relies on that: while it lasts, VQVAE bypasses the quantizer
+# (never called, scheduled or stepped), so at the switch the quantizer is as constructed and its first training
+# forward, on the warm encoder's outputs, initialises it as it would at step 0. A method needs no code for it.
 #
 # Hyperparameters: each class names those it reads in a `Params` dataclass: Config fields it shares (no default), and
 # options of its own, declared with `option(default, help, check)`, which registering adds to the Config (flags,
@@ -1449,6 +1465,9 @@ class VQVAE(nn.Module):
     """Encoder -> quantizer -> decoder. forward(x) -> (x_hat, recon_loss, quant_loss_dict, metrics).
 
     Build from a Config, or with Config fields as keywords: VQVAE(quantizer='ba_vq', codebook_size=512).
+    `phase` "ae" makes it the continuous autoencoder of an AE warm-up (Zhao et al. 2026, "Continuous First,
+    Discrete Later", arXiv:2605.06870): the decoder sees e itself, the quantizer is not called (no losses, no
+    metrics, no updates). The Trainer sets it from the step; a checkpoint records it.
     """
 
     def __init__(self, cfg: Optional[Config] = None, **overrides):
@@ -1460,10 +1479,14 @@ class VQVAE(nn.Module):
         self.encoder = make_encoder(cfg.arch, cfg.code_dim)
         self.quantizer = make_quantizer(cfg, cfg.code_dim)
         self.decoder = make_decoder(cfg.arch, cfg.code_dim)
+        self.phase: Literal["ae", "vq"] = "vq"
 
     def forward(self, x: torch.Tensor):
         e = self.encoder(x)  # (B, D, 8, 8)
-        z_q, quant_losses, metrics = self.quantizer(e)
+        if self.phase == "ae":  # AE warm-up: the quantizer bypassed
+            z_q, quant_losses, metrics = e, {}, {}
+        else:
+            z_q, quant_losses, metrics = self.quantizer(e)
         x_hat = self.decoder(z_q)  # (B, 3, 32, 32)
         recon_loss = F.mse_loss(x_hat.float(), x.float())
         return x_hat, recon_loss, quant_losses, metrics
@@ -1615,7 +1638,12 @@ class Trainer:
         self.train_batches = Batches(train_u8, cfg.batch_size, device, True, cfg.seed, rank, world)
         self.val_batches = Batches(test_u8, cfg.batch_size, device, False, rank=rank, world=world)
         self.perceptual: Optional[perceptual.PerceptualMetrics] = None  # loaded at the first validation
+        self.total_steps = cfg.epochs * len(self.train_batches)
+        # the AE warm-up: steps 1..warmup_steps train the autoencoder alone (VQVAE.phase "ae")
+        self.warmup_steps = cfg.ae_warmup_steps or round(cfg.ae_warmup_frac * self.total_steps)
+        self._check_warmup()
         self.model = VQVAE(cfg).to(device)
+        self.model.phase = self.phase_after(0)
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = not cfg.deterministic  # autotuning picks algorithms by timing
@@ -1623,13 +1651,14 @@ class Trainer:
         self.optimizer, self.clipped = make_optimizer(self.model, cfg)
         self.amp_dtype = autocast_dtype(cfg.precision, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
-        self.total_steps = cfg.epochs * len(self.train_batches)
         self.log_every = cfg.log_every or auto_log_every(self.total_steps)
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0
-        # the schedule's progress runs linearly from (step, progress) = anchor to (total_steps - 1, 1); a resume
-        # with another number of epochs moves the anchor to where the run stood, so it stays continuous
-        self.schedule_anchor = (0, 0.0)
+        # the schedule's progress runs linearly from (step, progress) = anchor to (total_steps - 1, 1), from the
+        # first step after the warm-up; a resume with another number of epochs moves the anchor to where the run
+        # stood, so it stays continuous
+        self.schedule_anchor = (self.warmup_steps, 0.0)
         self.epoch_sums: dict[str, torch.Tensor] = {}
+        self.epoch_counts: dict[str, int] = {}  # steps of this epoch that had each key (the switch adds keys)
         self.pending: list[tuple[int, torch.Tensor]] = []  # (step, stacked loss terms) not yet checked for NaN
         self.term_names: list[str] = []  # names of the stacked loss terms
         self.val_metrics: Optional[dict] = None  # of the last finished epoch; the final metrics once training ends
@@ -1639,14 +1668,39 @@ class Trainer:
             compile_model(model, self.device)
         if self.world == 1:
             return model
-        return ddp_wrap(model, self.device)
+        # a warm-up leaves the quantizer's parameters without gradients, which DDP must be told to expect
+        return ddp_wrap(model, self.device, find_unused_parameters=self.warmup_steps > 0)
+
+    # -- the AE warm-up -----------------------------------------------------------------------------------------
+    def _check_warmup(self):
+        if self.warmup_steps >= self.total_steps:
+            raise UserError(f"the AE warm-up ({self.warmup_steps} steps) must end before the run's last step "
+                            f"({self.total_steps} steps in all)")
+
+    def phase_after(self, steps: int) -> str:
+        """The model's phase once `steps` steps are done: "ae" up to and including the last warm-up step (the
+        validation and checkpoint after it see the autoencoder); the quantizer joins at the next step."""
+        return "ae" if self.warmup_steps and steps <= self.warmup_steps else "vq"
+
+    def end_warmup(self):
+        """The switch, as Zhao et al. make it: the quantizer joins the model as constructed, so this step's forward
+        initialises it from the warm encoder's outputs as a run's first step would (k-means on this batch for
+        VQ-EMA and BA; the baselines keep their construction-time init), and the optimizer starts afresh (unless
+        ae_warmup_keep_optimizer)."""
+        self.check_finite()  # the pending rows hold the warm-up's loss terms, fewer than a VQ step's
+        self.model.phase = "vq"
+        if not self.cfg.ae_warmup_keep_optimizer:
+            self.optimizer, self.clipped = make_optimizer(self.model, self.cfg)
 
     # -- one step -----------------------------------------------------------------------------------------------
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     def train_step(self, x: torch.Tensor) -> dict:
-        self.model.quantizer.schedule(schedule_progress(self.step, self.schedule_anchor, self.total_steps))
+        if self.warmup_steps and self.step == self.warmup_steps:
+            self.end_warmup()
+        if self.model.phase == "vq":  # the schedule (BA's beta) waits out the warm-up
+            self.model.quantizer.schedule(schedule_progress(self.step, self.schedule_anchor, self.total_steps))
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with self.autocast():
@@ -1692,14 +1746,17 @@ class Trainer:
             out = self.train_step(x)
             for k, v in out.items():
                 self.epoch_sums[k] = self.epoch_sums.get(k, 0) + as_scalar(v, self.device)
+                self.epoch_counts[k] = self.epoch_counts.get(k, 0) + 1
             self.step += 1
             self.step_in_epoch += 1
             bar.update(1)
             if self.step % self.log_every == 0:
                 self.check_finite()
                 record = {f"train/{k}": float(v) for k, v in self._rank_mean(out, self.term_names).items()}
-                logger.log({"step": self.step, "epoch": self.epoch + 1, **record})
-                bar.set_postfix(loss=f"{record['train/loss']:.4f}", ppl=f"{record['train/perplexity']:.1f}")
+                logger.log({"step": self.step, "epoch": self.epoch + 1, **self._phase_field(), **record})
+                bar.set_postfix(loss=f"{record['train/loss']:.4f}",
+                                **({"ppl": f"{record['train/perplexity']:.1f}"} if "train/perplexity" in record
+                                   else {"phase": "ae"}))
             if self.stop_agreed(stop):
                 return False
         return True
@@ -1720,12 +1777,13 @@ class Trainer:
         seconds = time.time() - t0  # training and validation of this epoch
         self.epoch += 1
         self.val_metrics = val
-        self.step_in_epoch, self.epoch_sums = 0, {}
-        logger.log({"step": self.step, "epoch": self.epoch, "epoch_time": seconds,
+        self.step_in_epoch, self.epoch_sums, self.epoch_counts = 0, {}, {}
+        logger.log({"step": self.step, "epoch": self.epoch, "epoch_time": seconds, **self._phase_field(),
                     **{f"train_epoch/{k}": v for k, v in train_means.items()},
                     **{f"val/{k}": v for k, v in val.items()}})
         if self.rank == 0:
-            print(epoch_line(self.epoch, self.cfg.epochs, train_means, val, self.model.quantizer.report(), seconds))
+            report = self.model.quantizer.report() if self.model.phase == "vq" else {}
+            print(epoch_line(self.epoch, self.cfg.epochs, train_means, val, report, seconds))
             # last.pt after the periodic file: a run killed in between redoes the epoch and writes both
             if self.epoch % self.cfg.checkpoint_every == 0:
                 save_checkpoint(self, f"checkpoint_epoch{self.epoch}.pt")
@@ -1750,9 +1808,13 @@ class Trainer:
         return {**values, **dict(zip(names, means))}
 
     def epoch_means(self) -> dict:
-        n = max(self.step_in_epoch, 1)
+        """Each value's mean over the epoch's steps that had it (all of them, but in the epoch of the switch)."""
         sums = self._rank_mean(self.epoch_sums, list(self.epoch_sums))
-        return {k: (v / n).item() for k, v in sums.items()}
+        return {k: (v / max(self.epoch_counts.get(k, self.step_in_epoch), 1)).item() for k, v in sums.items()}
+
+    def _phase_field(self) -> dict:
+        """The records' "phase" ("ae" / "vq"), in runs with a warm-up; a record without one is of the VQ model."""
+        return {"phase": self.model.phase} if self.warmup_steps else {}
 
     def write_final(self, metrics: dict):
         """final_model.pt (the checkpoint format minus the optimizer), reconstructions.png, final_metrics.json."""
@@ -1766,9 +1828,13 @@ class Trainer:
 
 def epoch_line(epoch: int, epochs: int, train_means: dict, val: dict, report: dict, seconds: float) -> str:
     """The printed line of an epoch; `report` is the quantizer's own (e.g. its beta)."""
+    scores = (f"PSNR: {val['psnr']:.2f} | Perplexity: {val['perplexity']:.1f} | Usage: {val['usage_rate'] * 100:.1f}%"
+              if "psnr" in val else f"AE warm-up, AE PSNR: {val['ae_psnr']:.2f}")
     return (f"Epoch {epoch}/{epochs} | Train Loss: {train_means['loss']:.4f} | Val Loss: {val['loss']:.4f} | "
-            f"PSNR: {val['psnr']:.2f} | Perplexity: {val['perplexity']:.1f} | Usage: {val['usage_rate'] * 100:.1f}%"
-            + "".join(f" | {k}: {v:.4g}" for k, v in report.items()) + f" | {seconds:.1f}s")
+            f"{scores}" + "".join(f" | {k}: {v:.4g}" for k, v in report.items()) + f" | {seconds:.1f}s")
+
+
+AE_SCORES = ("psnr", "psnr_per_image", "ssim", "lpips", "rfid")  # validate's names for them during an AE warm-up: ae_*
 
 
 @torch.no_grad()
@@ -1778,7 +1844,9 @@ def validate(model: VQVAE, batches: Batches, autocast=None, scorer: Optional[per
     train/eval mode is restored afterwards. recon_loss is the MSE of the raw output (the training objective);
     psnr that of the output clamped to the image range [-1, 1], on the [0, 1] scale, from the set's pooled MSE;
     psnr_per_image the mean of each image's PSNR; ssim the mean SSIM (all of the clamped output); with a scorer,
-    lpips the mean LPIPS and (rfid) rfid the FID of all reconstructions against the real images."""
+    lpips the mean LPIPS and (rfid) rfid the FID of all reconstructions against the real images. During an AE
+    warm-up (model.phase "ae") these scores are the continuous autoencoder's, named ae_psnr, ae_ssim, ... (AE_SCORES),
+    so that psnr always scores discrete codes; there are no codes to count then."""
     was_training = model.training
     model.eval()
     K = model.quantizer.K
@@ -1809,7 +1877,8 @@ def validate(model: VQVAE, batches: Batches, autocast=None, scorer: Optional[per
         for k, v in terms.items():  # image-weighted; an empty slice's means are NaN and add nothing
             v = as_scalar(v, x.device)
             sums[k] = sums.get(k, 0) + (v * len(x) if len(x) else torch.zeros((), device=x.device))
-        counts += code_counts(metrics["code_indices"], K)
+        if "code_indices" in metrics:  # not during an AE warm-up
+            counts += code_counts(metrics["code_indices"], K)
         n_images += len(x)
     names = list(sums)
     totals = dist_sum_(torch.stack([*(sums[k] for k in names), counts.new_tensor(n_images, dtype=torch.float)]))
@@ -1818,11 +1887,15 @@ def validate(model: VQVAE, batches: Batches, autocast=None, scorer: Optional[per
     result["psnr"] = psnr_from_mse(result.pop("clamped_mse"))
     if "soft_clamped_mse" in result:
         result["soft_psnr"] = psnr_from_mse(result.pop("soft_clamped_mse"))
-    result.update({k: float(v) for k, v in codebook_stats(counts).items()})
-    result["dead_codes"] = int(result["dead_codes"])
+    if model.phase == "vq":
+        result.update({k: float(v) for k, v in codebook_stats(counts).items()})
+        result["dead_codes"] = int(result["dead_codes"])
     if moments is not None:
         result["rfid"] = scorer.rfid(moments)
-    result.update(model.quantizer.report())
+    if model.phase == "vq":
+        result.update(model.quantizer.report())
+    else:  # the continuous autoencoder's scores, under names of their own
+        result = {f"ae_{k}" if k in AE_SCORES else k: v for k, v in result.items()}
     model.train(was_training)
     return result
 
@@ -1929,6 +2002,7 @@ def _print_header(cfg: Config, trainer: Trainer, device, rank: int):
           f"({trainer.amp_dtype or 'fp32'}) | {len(trainer.train_batches.images)} train / "
           f"{len(trainer.val_batches.images)} val images | {n_params / 1e6:.2f}M params | "
           f"{trainer.total_steps} steps, a record every {trainer.log_every}"
+          + (f" | AE warm-up: {trainer.warmup_steps} steps" if trainer.warmup_steps else "")
           + (f" | resuming at step {trainer.step}" if trainer.step else ""))
 
 
@@ -1979,12 +2053,15 @@ def trainer_state(trainer: Trainer, resumable: bool = True) -> dict:
     """One self-describing dict: config, model and metrics; with `resumable`, also everything needed to continue
     bit-exactly (optimizer, step counters, schedule, RNG states)."""
     state = {"format": CHECKPOINT_FORMAT, "config": config_to_dict(trainer.cfg), "model": trainer.model.state_dict(),
-             "step": trainer.step, "epoch": trainer.epoch, "val_metrics": trainer.val_metrics}
+             "step": trainer.step, "epoch": trainer.epoch, "val_metrics": trainer.val_metrics,
+             "phase": trainer.model.phase}  # "ae" during an AE warm-up (a function of step; for readers)
     if resumable:
         state.update({
             "optimizer": trainer.optimizer.state_dict(), "scaler": trainer.scaler.state_dict(),
             "step_in_epoch": trainer.step_in_epoch, "epoch_sums": trainer.epoch_sums,
-            "schedule": {"anchor": trainer.schedule_anchor, "total_steps": trainer.total_steps},
+            "epoch_counts": trainer.epoch_counts,
+            "schedule": {"anchor": trainer.schedule_anchor, "total_steps": trainer.total_steps,
+                         "ae_warmup_steps": trainer.warmup_steps},
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}})
     return state
@@ -2021,6 +2098,7 @@ def load_checkpoint(path: str | Path, device="cpu") -> tuple[VQVAE, dict]:
     state = read_checkpoint(path)
     model = VQVAE(make_config(state["config"]))
     model.load_state_dict(state["model"])
+    model.phase = state.get("phase", "vq")  # a checkpoint from an AE warm-up is the autoencoder
     return model.to(device).eval(), state
 
 
@@ -2035,10 +2113,16 @@ def restore_trainer(trainer: Trainer, state: dict):
     trainer.scaler.load_state_dict(state["scaler"])
     trainer.step, trainer.epoch, trainer.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
     trainer.epoch_sums = {k: v.to(trainer.device) for k, v in state["epoch_sums"].items()}
+    trainer.epoch_counts = dict(state.get("epoch_counts", {}))  # older files: every key at every step
     trainer.val_metrics = state.get("val_metrics")
     schedule = state.get("schedule", {"anchor": (0, 0.0), "total_steps": trainer.total_steps})
+    # the warm-up stays where the run put it (ae_warmup_frac of the total at its start); older files had none
+    trainer.warmup_steps = schedule.get("ae_warmup_steps", 0)
+    trainer._check_warmup()
+    trainer.model.phase = trainer.phase_after(trainer.step)
     trainer.schedule_anchor = tuple(schedule["anchor"])
-    if schedule["total_steps"] != trainer.total_steps:  # resumed with other epochs: continue from where it stood
+    # resumed with other epochs, once the schedule has started: continue from where it stood
+    if schedule["total_steps"] != trainer.total_steps and trainer.step > trainer.schedule_anchor[0]:
         trainer.schedule_anchor = (trainer.step, schedule_progress(trainer.step, trainer.schedule_anchor,
                                                                    schedule["total_steps"]))
     rng = state["rng"]

@@ -32,6 +32,7 @@ def run(cfg: vqvae.Config, steps: int, rank: int, world: int) -> dict:
         out = trainer.train_step(next(batches))
         for k, v in out.items():  # as Trainer.train_epoch accumulates them
             trainer.epoch_sums[k] = trainer.epoch_sums.get(k, 0) + v.detach().float()
+            trainer.epoch_counts[k] = trainer.epoch_counts.get(k, 0) + 1
         trainer.step += 1
         trainer.step_in_epoch += 1
         result.setdefault("grads_first", grads(trainer.model))

@@ -31,6 +31,9 @@ CONFIGS = {
     # BA's top-k path: the global marginal from kept entries, its adjoint, the probe's dropped mass averaged so that
     # every rank takes the same branch (max drop 1: always truncated)
     "ba_topk": {"quantizer": "ba_vq", "ba_topk": 4, "ba_topk_max_drop": 1.0, "entropy_weight": 1.0},
+    # an AE warm-up of one step: the codebook parameter without a gradient in it (DDP told to expect that), then
+    # k-means on the gathered warm encoder outputs and a fresh optimizer at the switch
+    "ae_warmup": {"quantizer": "ba_vq", "codebook_update": "grad", "ae_warmup_steps": 1},
 }
 STEPS = 2
 BASE_LR = vqvae.Config().lr
