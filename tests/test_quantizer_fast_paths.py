@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import plumbing
+import ba_kernels
 import vqvae
 
 
@@ -52,7 +53,7 @@ def test_log_colsum_equals_logsumexp_of_log_softmax(scale):
     W = torch.randn(300, 5, generator=g) * scale
     logits = e1 @ W.t()
     p = torch.softmax(logits, dim=1)
-    got, under = vqvae._log_colsum(p.sum(0), e1, W, torch.logsumexp(logits, 1), chunk=16)
+    got, under = ba_kernels._log_colsum(p.sum(0), e1, W, torch.logsumexp(logits, 1), chunk=16)
     want = torch.logsumexp(torch.log_softmax(logits.double(), dim=1), dim=0)
     assert torch.isfinite(got).all()
     if scale > 1:
@@ -133,9 +134,9 @@ def test_ba_kept_and_recomputed_logits_give_the_same_bits(beta):
     g = torch.Generator().manual_seed(5)
     e0, C0 = torch.randn(300, 8, generator=g), torch.randn(64, 8, generator=g)
     log_Q0 = torch.full((64,), -math.log(64))
-    block = vqvae.LIVE_BLOCKS * 64 * 64 * 4  # room for 64-row blocks only: the backward forms the logits again
-    assert vqvae.ba_plan(300, 64, 1, 4096, torch.device("cpu"), 4, block, True) == (64, False)
-    assert vqvae.ba_plan(300, 64, 1, 64, torch.device("cpu"), 4, 1 << 20, True) == (64, True)  # here it keeps them
+    block = ba_kernels.LIVE_BLOCKS * 64 * 64 * 4  # room for 64-row blocks only: the backward forms the logits again
+    assert ba_kernels.ba_plan(300, 64, 1, 4096, torch.device("cpu"), 4, block, True) == (64, False)
+    assert ba_kernels.ba_plan(300, 64, 1, 64, torch.device("cpu"), 4, 1 << 20, True) == (64, True)  # here it keeps them
     kept = _ba_pass(e0, C0, log_Q0, beta, 1 << 20, chunk=64)
     made = _ba_pass(e0, C0, log_Q0, beta, block)
     # the same block size in both (64 rows), so both run the same arithmetic on the same operands
@@ -177,7 +178,7 @@ def test_ba_pass_stays_within_its_memory_budget(memory_kib):
     N, K, D = 256, 4096, 4  # logits 4 MiB
     e0, C0 = torch.randn(N, D, generator=g), torch.randn(K, D, generator=g)
     log_Q0 = torch.full((K,), -math.log(K))
-    rows, keep = vqvae.ba_plan(N, K, 1, 4096, torch.device("cpu"), 4, memory_kib << 10, True)
+    rows, keep = ba_kernels.ba_plan(N, K, 1, 4096, torch.device("cpu"), 4, memory_kib << 10, True)
     assert keep == (memory_kib == 8192) and rows < N
     with _PeakBlockBytes(K, D) as count:
         _ba_pass(e0, C0, log_Q0, 300.0, memory_kib << 10)

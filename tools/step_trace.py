@@ -14,11 +14,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import ba_kernels  # noqa: E402
 import baselines  # noqa: E402
 import plumbing  # noqa: E402
 import vqvae  # noqa: E402
 
-MODULES = {Path(m.__file__).resolve(): m.__name__ for m in (vqvae, plumbing, baselines)}
+MODULES = {Path(m.__file__).resolve(): m.__name__ for m in (vqvae, ba_kernels, plumbing, baselines)}
 
 
 def sections(path: Path) -> list[tuple[int, str]]:
