@@ -119,6 +119,8 @@ class Config:
                                     "of the features is taken over")
     cvq_distance: Literal["cos", "l2"] = _f("cos", "CVQ: nearest code and anchors by cosine similarity (its code's "
                                                    "default) or by Euclidean distance")
+    cvq_data_variance: float = _f(1.0, "CVQ: its main.py divides the reconstruction MSE by the training images' "
+                                       "pixel variance on the [0, 1] scale (0.0637 on the subset); 1: not divided")
     estimator: Literal["ste", "rotation"] = _f("ste", "gradient to the encoder: straight-through or rotation trick")
     chunk_size: int = _f(4096, "encoder vectors per chunk in distance and soft-assignment passes")
     # optimisation
