@@ -39,7 +39,11 @@ class SimVQQuantizer(Quantizer):
     Nearest code among the rows of C W + b; losses commitment_weight ||e - sg(z_q)||^2 (trains the encoder) and
     codebook_weight ||z_q - sg(e)||^2 (trains W and b; C is a buffer), as their configs run it (legacy: false, beta
     0.25); straight-through (or rotation) to e. C ~ N(0, 1/D) as theirs. No k-means, no EMA, no restarts.
-    Deviation: W and b train in the shared autoencoder optimizer (theirs: the generator's Adam, betas 0.5, 0.9).
+    Deviations, all in how the shared autoencoder trains (configs/imagenet_simvq_128_B.yaml, taming/models/vq.py,
+    taming/modules/losses/vqperceptual.py): W and b train in the shared AdamW at 3e-4 with an MSE reconstruction;
+    theirs train in the generator's Adam (betas 0.5, 0.9) at lr 1e-4, no schedule, on L1 + LPIPS + 0.1 x a
+    non-saturating GAN loss from step 0, in fp16 mixed precision, and validate on an EMA of the weights (decay 0.999)
+    where ours validates the weights themselves.
     """
 
     @dataclass
@@ -78,8 +82,8 @@ class SimVQQuantizer(Quantizer):
 # FSQ
 # ################################################################################################################
 
-# The paper's recommended levels (Mentzer et al. 2023, sec. 4.1), keyed by log2 of the target codebook size; the
-# 2^9 = 512 entry (this project's default K) is ours: [8, 8, 8], the paper's 8-level channels, exactly 512 codes.
+# The paper's recommended levels (Mentzer et al. 2023, Table 1), keyed by log2 of the target codebook size. The
+# 2^9 = 512 entry (this project's default K) is not in the table: [8, 8, 8] is ours, exactly 512 codes.
 FSQ_LEVELS = {8: [8, 6, 5], 9: [8, 8, 8], 10: [8, 5, 5, 5], 12: [7, 5, 5, 5, 5], 14: [8, 8, 8, 6, 5],
               16: [8, 8, 8, 5, 5, 5]}
 FSQ_MAX_LEVEL = 8  # no channel of the table has more levels; the rule for other K keeps to that too
@@ -140,21 +144,29 @@ class _RoundSTE(torch.autograd.Function):
 @register_quantizer("fsq")
 class FSQQuantizer(Quantizer):
     """Finite Scalar Quantization (Mentzer et al. 2023, "Finite Scalar Quantization: VQ-VAE Made Simple",
-    arXiv:2309.15505; checked against the paper's appendix code and notebook): no codebook. e is projected to
-    d = len(levels) channels, each bounded to L_i integer values and rounded (straight-through), so the codes are a
-    fixed grid of prod_i L_i points; projected back to D for the decoder.
+    arXiv:2309.15505; official code google-research/google-research, fsq/fsq.ipynb, class FSQ, the paper's appendix
+    A.1 code): no codebook. e is projected to d = len(levels) channels, each bounded to L_i integer values and
+    rounded (straight-through), so the codes are a fixed grid of prod_i L_i points; projected back to D for the
+    decoder.
 
         h = project_in(e)                                       (N, d)
         bound(h)_i = tanh(h_i + shift_i) half_i - offset_i,     half_i = (L_i - 1)/2 (1 - 1e-3),
-                     offset_i = 1/2 if L_i is even else 0,      shift_i = atanh(offset_i / half_i) (0 if L_i = 2)
+                     offset_i = 1/2 if L_i is even else 0,      shift_i = tan(offset_i / half_i)
         level = round(bound(h))                                 integers -(L_i//2) .. (L_i-1)//2
         z_q = project_out(level / (L_i//2))                     (N, D)
         index = sum_i (level_i + L_i//2) prod_{j<i} L_j         (mixed radix)
 
+    The bound is their FSQ.bound, shift included: tan(offset / half) puts h = 0 within 4.3e-4 of level 0 for L >= 3;
+    for L = 2 (offset / half > 1) the shift is 1.56 and the step between levels -1 and 0 sits at h = -1.56.
+    lucidrains/vector-quantize-pytorch (vector_quantize_pytorch/finite_scalar_quantization.py, the version read)
+    shifts by atanh(offset / half) with half = (L - 1)/2 (1 + 1e-3); this class shifted by atanh with (1 - 1e-3)
+    (0 for L = 2) when the leaderboard's FSQ rows ran: for their levels (8, 6, 5) the two shifts differ by at most
+    2.3e-5, for L = 4 by 3.2e-4.
     K = prod_i L_i replaces codebook_size (validation's usage and perplexity are over these K; report() gives it as
-    codebook_size_used). Levels: `fsq_levels`, or when empty the paper's recommendation for the codebook_size nearest
-    in log2 among 2^8 [8,6,5], 2^9 [8,8,8], 2^10 [8,5,5,5], 2^12 [7,5,5,5,5], 2^14 [8,8,8,6,5], 2^16 [8,8,8,5,5,5];
-    below 2^8 or above 2^16 `fsq_levels_rule`. No loss terms: every grid point is reachable, nothing to pull.
+    codebook_size_used). Levels: `fsq_levels`, or when empty the paper's recommendation (Table 1) for the
+    codebook_size nearest in log2 among 2^8 [8,6,5], 2^10 [8,5,5,5], 2^12 [7,5,5,5,5], 2^14 [8,8,8,6,5],
+    2^16 [8,8,8,5,5,5], and 2^9 [8,8,8], which is ours, not the paper's; below 2^8 or above 2^16 `fsq_levels_rule`.
+    No loss terms: every grid point is reachable, nothing to pull.
     """
 
     @dataclass
@@ -173,8 +185,7 @@ class FSQQuantizer(Quantizer):
         L = torch.tensor(levels, dtype=torch.float)
         half = (L - 1) / 2 * (1 - self.BOUND_EPS)
         offset = torch.where(L % 2 == 0, 0.5, 0.0)
-        # the shift maps h = 0 to level 0; for L = 2 (offset > half, no atanh) h = 0 splits the levels -1 and 0
-        shift = torch.tensor([math.atanh(o / h) if o < h else 0.0 for o, h in zip(offset.tolist(), half.tolist())])
+        shift = torch.tan(offset / half)  # the official shift (fsq.ipynb); about atanh(offset / half) for L > 2
         # derived from the config, so rebuilt rather than saved (persistent=False)
         for name, value in {"bound_half": half, "bound_offset": offset, "bound_shift": shift,
                             "width": torch.floor(L / 2), "n_levels": L.long(),
@@ -194,10 +205,12 @@ class FSQQuantizer(Quantizer):
     def _decode(self, level: torch.Tensor) -> torch.Tensor:
         return self.project_out(level / self.width)  # (N, d) integer levels -> (N, D)
 
+    def bound(self, h: torch.Tensor) -> torch.Tensor:
+        """(N, d) -> (N, d) in (-L_i/2, L_i/2) per channel, before rounding."""
+        return torch.tanh(h + self.bound_shift) * self.bound_half - self.bound_offset
+
     def quantize(self, e: torch.Tensor) -> Quantized:
-        h = self.project_in(e)  # (N, d)
-        bounded = torch.tanh(h + self.bound_shift) * self.bound_half - self.bound_offset  # (N, d)
-        level = _RoundSTE.apply(bounded)  # (N, d) integers
+        level = _RoundSTE.apply(self.bound(self.project_in(e)))  # (N, d) integers
         idx = ((level.detach() + self.width).long() * self.radix).sum(1)  # (N,) mixed radix
         return Quantized(self._decode(level), idx, {}, {})
 
@@ -260,9 +273,12 @@ class WassersteinVQQuantizer(Quantizer):
     enqueues all ranks' rows, so all hold the same queue), which starts filled with N(0, 0.01^2) noise as theirs.
     The codebook starts N(0, 0.01^2) and is its own Adam parameter group (`param_groups`): lr wvq_codebook_lr (0.02),
     betas (0.9, 0.95), no weight decay, its gradient clipped to norm 1.
-    Deviations: the autoencoder's optimizer is the shared one (theirs: Adam betas 0.9, 0.95, the autoencoder's
-    gradient clipped to norm 1 as well); W in float64; no dead-code restarts (they have none); at evaluation the loss
-    is taken over the queue (theirs: over the evaluated batch), which changes only the logged val/wasserstein_loss.
+    Deviations: the autoencoder's optimizer is the shared one, AdamW at 3e-4 (theirs: Adam, betas 0.9, 0.95, at lr
+    5e-5, code/VQVAE/config.py's --lr default, which their scripts keep; on ImageNet warmed up over 5,000 steps and
+    cosine-decayed to 1e-5 by step 50,000; the autoencoder's gradient clipped to norm 1 as well), so the codebook's
+    lr is 400x the autoencoder's there and 67x here; W in float64; no dead-code restarts (they have none); at
+    evaluation the loss is taken over the queue (theirs: over the evaluated batch), which changes only the logged
+    val/wasserstein_loss.
     """
     CODEBOOK_BETAS = (0.9, 0.95)  # the codebook group of their optimizer (train_vqvae.py)
     CODEBOOK_MAX_GRAD_NORM = 1.0
@@ -342,8 +358,18 @@ class CVQQuantizer(Quantizer):
     shorter run revives no code that was once in average use.
     `cvq_distance l2` looks codes and anchors up by Euclidean distance instead (this project's earlier CVQ).
     Under DDP n_k and N are summed over ranks and anchors are chosen among all ranks' outputs, so every rank applies
-    the same update. Deviations: the codebook trains in the shared AdamW (theirs: Adam, no weight decay); the
-    optional contrastive loss is not included (off in their defaults).
+    the same update.
+    Their main.py divides the reconstruction MSE (of [-1, 1] images) by data_variance = np.var(train_images / 255),
+    the pixel variance of the training set on the [0, 1] scale (0.0637 on the subset, about 0.0633 on all of
+    CIFAR-10): reconstruction weighs 15.7x as much against the quantizer's terms as it does here. `cvq_data_variance`
+    v applies it from inside the quantizer, as its terms times v: recon + v L_q = v (recon / v + L_q), their loss
+    times the constant v. Gradients are v times theirs, which Adam(W) undoes (m / sqrt(s) is unchanged) except that
+    its eps (1e-8) acts as eps / v on their scale; decoupled weight decay and the anchor update are unaffected; the
+    logged commitment_loss and codebook_loss read v times theirs. The default v = 1 (main.py's data_variance=1
+    default) leaves reconstruction unscaled, as every leaderboard row so far ran.
+    Deviations: the codebook trains in the shared AdamW (theirs: Adam, no weight decay); the reconstruction is not
+    divided by the data variance unless `cvq_data_variance` says so; the optional contrastive loss is not included
+    (off in their defaults).
     """
     ANCHOR_SCALE, ANCHOR_EPS = 10.0, 1e-3  # the constants of a_k in their code
 
@@ -356,6 +382,9 @@ class CVQQuantizer(Quantizer):
         chunk_size: int
         cvq_distance: Literal["cos", "l2"] = option("cos", "CVQ: nearest code and anchors by cosine similarity (its "
                                                            "code's default) or by Euclidean distance")
+        cvq_data_variance: float = option(1.0, "CVQ: its main.py divides the reconstruction MSE by the training "
+                                                "images' pixel variance on the [0, 1] scale (0.0637 on the subset); "
+                                                "1: not divided", (lambda v: v > 0, "> 0"))
 
     def __init__(self, params: "CVQQuantizer.Params", dim: int):
         super().__init__(params, dim)
@@ -381,7 +410,9 @@ class CVQQuantizer(Quantizer):
         # index_select saves only idx, so the anchor update may move the codebook in place after this line
         z_q = self.codebook.index_select(0, idx)  # (N, D)
         metrics = {"anchor_weight": self._pull_to_anchors(e.detach(), idx)} if self.training else {}
-        return Quantized(z_q, idx, vq_losses(e, z_q, self.hp.commitment_weight, self.hp.codebook_weight), metrics)
+        v = self.hp.cvq_data_variance  # main.py's recon / v, as v times these terms (class docstring)
+        return Quantized(z_q, idx, vq_losses(e, z_q, v * self.hp.commitment_weight, v * self.hp.codebook_weight),
+                         metrics)
 
     @torch.no_grad()
     def _pull_to_anchors(self, e: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

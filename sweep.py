@@ -86,6 +86,10 @@ def run_sweep(path: str, config_file: Optional[str] = None, flags: Optional[dict
         raise UserError(f"--jobs must be >= 1, got {jobs}")
     spec = read_sweep(path)
     configs = experiment_configs(spec, config_file, flags or {})
+    folder = Path(configs[0][1].out_dir)
+    if table_only and not any((folder / cfg.name / "config.yaml").exists() for _, cfg in configs):
+        raise UserError(f"--table_only: no runs of this sweep in {folder} (--out_dir names the folder holding "
+                        f"{spec['name']}/, e.g. --out_dir results for the committed records)")
     todo = []
     for i, (_, cfg) in enumerate([] if table_only else configs, 1):
         run_dir = Path(cfg.out_dir) / cfg.name
@@ -100,7 +104,7 @@ def run_sweep(path: str, config_file: Optional[str] = None, flags: Optional[dict
     if jobs > 1:
         run_in_parallel(todo, jobs)
     rows = collect_results(configs)
-    write_results(rows, Path(configs[0][1].out_dir))
+    write_results(rows, folder)
     return rows
 
 

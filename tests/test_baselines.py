@@ -1,6 +1,7 @@
 """The baselines of baselines.py (SimVQ, FSQ, Wasserstein VQ, CVQ): contract properties, each against its official
 code's formulas written independently here, their optimizer group, older checkpoints, and real training runs that
 resume bit-exactly. (Two ranks against one process: tests/test_ddp.py, which runs wasserstein_vq and cvq too.)"""
+import copy
 import dataclasses
 import math
 
@@ -36,6 +37,27 @@ def as_bdhw(codes):
 # (the contract's properties, for every registered quantizer: tests/test_contract.py)
 
 
+def assert_vq_terms(q, z, commitment, codebook):
+    """commitment_loss = commitment ||e - sg(z_q)||^2 moves the encoder output only, codebook_loss =
+    codebook ||z_q - sg(e)||^2 the quantizer's parameters only: each term's value and gradient to z, from one
+    backward of that term alone (means over the N x D entries)."""
+    expected = {"commitment_loss": commitment, "codebook_loss": codebook}
+    for term, weight in expected.items():
+        q.zero_grad(set_to_none=True)
+        z = z.detach().clone().requires_grad_()
+        z_q, losses, _ = q(z)
+        diff = z.detach() - z_q.detach()  # e - z_q, (B, D, H, W)
+        assert losses[term].item() == pytest.approx(weight * diff.square().mean().item(), rel=1e-5)
+        losses[term].backward()
+        moved = [p for p in q.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+        if term == "commitment_loss":
+            torch.testing.assert_close(z.grad, weight * 2 * diff / diff.numel())
+            assert moved == []
+        else:
+            assert z.grad is None or not z.grad.any()
+            assert moved
+
+
 # -- SimVQ ----------------------------------------------------------------------------------------------------------
 
 def test_simvq_codes_are_frozen_basis_under_a_learned_affine_map():
@@ -56,6 +78,14 @@ def test_simvq_codes_are_frozen_basis_under_a_learned_affine_map():
     assert q.linear.weight.grad.abs().sum() > 0 and q.linear.bias.grad.abs().sum() > 0
     opt.step()
     assert torch.equal(q.basis, basis) and not torch.allclose(q.codebook, C)
+
+
+def test_simvq_basis_scale_and_loss_weights_follow_the_official_code():
+    """C ~ N(0, 1/D) (nn.init.normal_(std=e_dim**-0.5)); legacy: false puts beta 0.25 on the commitment term."""
+    torch.manual_seed(0)
+    q = make_q("simvq", K=256, D=16)
+    assert abs(q.basis.std().item() * math.sqrt(16) - 1) < 0.1 and abs(q.basis.mean().item()) < 0.02
+    assert_vq_terms(make_q("simvq").train(), latents(), commitment=0.25, codebook=1.0)
 
 
 def test_simvq_checkpoint_from_before_the_bias_loads_as_a_zero_bias():
@@ -97,10 +127,9 @@ def test_fsq_grid_every_code_reachable_and_indices_mixed_radix():
     z_q, _, metrics = q.eval()(z)
     idx = metrics["code_indices"].reshape(-1)
     assert torch.bincount(idx, minlength=q.K).min() > 0 and idx.max() < q.K == 24
-    # the levels the forward pass rounded to, recovered from the projection, give the index in mixed radix
+    # the levels of the official bound, rounded, give the forward pass's index in mixed radix
     e = z.permute(0, 2, 3, 1).reshape(-1, 4)
-    bounded = torch.tanh(q.project_in(e) + q.bound_shift) * q.bound_half - q.bound_offset
-    level = bounded.round()
+    level = torch.from_numpy(np.round(official_fsq_bound(e[:, :3].double().numpy(), [3, 4, 2])))
     L = torch.tensor([3, 4, 2])
     assert (level >= -(L // 2)).all() and (level <= (L - 1) // 2).all()
     digits = (level + L // 2).long()
@@ -110,11 +139,22 @@ def test_fsq_grid_every_code_reachable_and_indices_mixed_radix():
     assert len(torch.unique(all_codes, dim=0)) == q.K
 
 
-def test_fsq_bound_maps_zero_to_level_zero():
-    """Even L: the levels -(L/2) .. L/2 - 1 are asymmetric; the shift still maps h = 0 to level 0."""
-    q = make_q("fsq", fsq_levels="8,5")
-    at_zero = torch.tanh(q.bound_shift) * q.bound_half - q.bound_offset
-    torch.testing.assert_close(at_zero, torch.tensor([0.0, 0.0]), atol=1e-6, rtol=0)
+def official_fsq_bound(h, levels, eps=1e-3):
+    """FSQ.bound of google-research/google-research fsq/fsq.ipynb, in numpy float64."""
+    L = np.asarray(levels, dtype=np.float64)
+    half_l = (L - 1) * (1 - eps) / 2
+    offset = np.where(L % 2 == 1, 0.0, 0.5)
+    shift = np.tan(offset / half_l)
+    return np.tanh(h + shift) * half_l - offset
+
+
+def test_fsq_bound_is_the_official_formula():
+    levels = [8, 6, 5, 4, 2]
+    q = make_q("fsq", fsq_levels=",".join(map(str, levels)))
+    h = torch.cat([torch.zeros(1, 5), torch.linspace(-3, 3, 61)[:, None].expand(-1, 5)])
+    expected = torch.from_numpy(official_fsq_bound(h.double().numpy(), levels)).float()
+    torch.testing.assert_close(q.bound(h), expected, rtol=0, atol=1e-6)  # atanh's shift: 1.4e-5 off at L = 8
+    assert not q.bound(h[:1]).round().any()  # h = 0 rounds to level 0 in every channel, L = 2's included
 
 
 # -- Wasserstein VQ ---------------------------------------------------------------------------------------------------
@@ -174,9 +214,8 @@ def test_wvq_loss_terms_weights_and_init_follow_the_official_code():
     assert torch.equal(q.queue[18:], queue_before[18:])
     C = q.codebook.detach()
     z_q = C[metrics["code_indices"].reshape(-1)]
-    assert losses["commitment_loss"].item() == pytest.approx(0.1 * (e - z_q).square().mean().item(), rel=1e-6)
-    assert losses["codebook_loss"].item() == pytest.approx((e - z_q).square().mean().item(), rel=1e-6)
     assert losses["wasserstein_loss"].item() == pytest.approx(0.5 * official_w2(q.queue, C), rel=1e-5)
+    assert_vq_terms(q, z, commitment=0.1, codebook=1.0)  # beta 0.1 on the encoder's side, alpha 1.0 on the codes'
 
 
 def test_wvq_codebook_is_its_own_adam_group_clipped_to_norm_one():
@@ -194,15 +233,24 @@ def test_wvq_codebook_is_its_own_adam_group_clipped_to_norm_one():
 
 
 def test_wvq_train_step_clips_the_codebook_gradient_only(tmp_path, small_sample):
-    cfg = tiny_cfg(tmp_path, "wasserstein_vq", wasserstein_weight=100.0)
+    # weights that push both gradients' norms above 1, so clipping either one to 1 would show
+    cfg = tiny_cfg(tmp_path, "wasserstein_vq", wasserstein_weight=100.0, wvq_commitment_weight=100.0)
     trainer = vqvae.Trainer(cfg, tmp_path / "run", torch.device("cpu"))
     x = next(iter(trainer.train_batches.epoch(0)))
+    reference = copy.deepcopy(trainer.model)  # the same step's gradients, unclipped
+    _, recon_loss, quant_losses, _ = reference(x)
+    (recon_loss + sum(quant_losses.values())).backward()
     out = trainer.train_step(x)
-    codebook = trainer.model.quantizer.codebook
-    assert out["grad_norm"] > 1.0  # the logged norm is the unclipped total
-    assert codebook.grad.norm().item() == pytest.approx(1.0, rel=1e-5)  # clipped to its group's norm
-    others = [p.grad.norm() for p in trainer.model.parameters() if p is not codebook and p.grad is not None]
-    assert max(others) > 0
+    codebook, ref_codebook = trainer.model.quantizer.codebook, reference.quantizer.codebook
+    grads = [p.grad for p in trainer.model.parameters() if p is not codebook]
+    ref_grads = [p.grad for p in reference.parameters() if p is not ref_codebook]
+    autoencoder_norm = torch.cat([g.double().flatten() for g in ref_grads]).norm().item()
+    assert ref_codebook.grad.norm() > 1 and autoencoder_norm > 1
+    torch.testing.assert_close(codebook.grad, ref_codebook.grad / ref_codebook.grad.norm())  # clipped to norm 1
+    for g, ref in zip(grads, ref_grads):  # the autoencoder's gradient as it was
+        torch.testing.assert_close(g, ref)
+    total = math.hypot(ref_codebook.grad.double().norm().item(), autoencoder_norm)
+    assert out["grad_norm"].item() == pytest.approx(total, rel=1e-5)  # the logged norm is the unclipped total
 
 
 def test_wvq_queue_is_fifo_and_filled_in_training_only():
@@ -268,14 +316,23 @@ def test_cvq_defaults_and_init_follow_the_official_code():
 
 
 def test_cvq_anchor_reaches_half_after_about_720_steps_of_disuse():
-    """The budget effect LEADERBOARD.md reports: a code in average use that falls out of use waits ~720 steps."""
+    """The budget effect LEADERBOARD.md reports: a code in average use (P = 1/K) that falls out of use waits ~720
+    steps before a training forward pulls it at least halfway to its anchor."""
     K, d = 512, 0.99
-    q = make_q("cvq", K=K, D=4, decay=d)
     steps = next(t for t in range(5000) if math.exp(-10 * K * (d ** t / K) / (1 - d) - 1e-3) >= 0.5)
     assert 700 < steps < 740
-    q.usage.fill_(d ** steps / K)
-    a = torch.exp(-q.ANCHOR_SCALE * K * q.usage / (1 - d) - q.ANCHOR_EPS)
-    assert (a >= 0.5).all()
+    z = latents(B=1, D=4, H=2, W=2)  # 4 latents: at most 4 codes in use this step
+    e = z.permute(0, 2, 3, 1).reshape(-1, 4)
+    for t in (steps - 1, steps):
+        torch.manual_seed(0)
+        q = make_q("cvq", K=K, D=4, decay=d).train()
+        q.usage.fill_(d ** (t - 1) / K)  # unused for t - 1 steps; this forward is the t-th
+        C0 = q.codebook.detach().clone()
+        _, _, metrics = q(z)
+        unused = torch.bincount(metrics["code_indices"].reshape(-1), minlength=K) == 0
+        pull = e[cosine_closest(C0, e)] - C0  # (K, D) towards each code's anchor
+        a = ((q.codebook.detach() - C0) * pull).sum(1) / pull.square().sum(1)  # c <- c + a (anchor - c)
+        assert ((a[unused] >= 0.5).all() if t == steps else (a[unused] < 0.5).all())
 
 
 def test_cvq_backward_after_in_place_update_gives_the_lookups_gradient():
@@ -293,18 +350,41 @@ def test_cvq_backward_after_in_place_update_gives_the_lookups_gradient():
     torch.testing.assert_close(q.codebook.grad, expected)
 
 
+def test_cvq_data_variance_gives_main_py_gradients_times_v():
+    """cvq_data_variance v: recon + v L_q is v times main.py's recon / v + L_q, so every gradient is v times theirs
+    (a constant factor, which Adam's m / sqrt(s) undoes up to its eps)."""
+    v = 0.0637
+    assert Config(quantizer="cvq").cvq_data_variance == 1.0  # default: the reconstruction unscaled
+    with pytest.raises(vqvae.UserError, match="cvq_data_variance"):
+        Config(quantizer="cvq", cvq_data_variance=0.0)
+    torch.manual_seed(0)
+    settings = dict(quantizer="cvq", arch="compact", latent_dim=8, codebook_size=16)
+    ours, theirs = vqvae.VQVAE(Config(**settings, cvq_data_variance=v)), vqvae.VQVAE(Config(**settings))
+    theirs.load_state_dict(ours.state_dict())
+    x = 2 * torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) - 1
+    _, recon_loss, our_losses, _ = ours(x)
+    (recon_loss + sum(our_losses.values())).backward()
+    _, recon_loss, their_losses, _ = theirs(x)
+    (recon_loss / v + sum(their_losses.values())).backward()  # main.py's loss
+    for term in ("commitment_loss", "codebook_loss"):
+        assert our_losses[term].item() == pytest.approx(v * their_losses[term].item(), rel=1e-5)
+    for p, p_theirs in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad, v * p_theirs.grad, rtol=1e-4, atol=1e-9)
+
+
 def test_older_checkpoints_of_the_baselines_load_and_keep_their_meaning(tmp_path):
-    """CVQ saved before cvq_distance existed looked codes up by L2; the EMA buffers the learned codebooks once had
-    are dropped."""
+    """CVQ saved before cvq_distance existed looked codes up by L2, and before cvq_data_variance did left the
+    reconstruction unscaled; the EMA buffers the learned codebooks once had are dropped."""
     torch.manual_seed(0)
     model = vqvae.VQVAE(Config(quantizer="cvq", arch="compact", latent_dim=8, codebook_size=16))
     config = vqvae.config_to_dict(model.cfg)
-    del config["cvq_distance"]
+    del config["cvq_distance"], config["cvq_data_variance"]
     state = {**model.state_dict(), "quantizer.ema_count": torch.ones(16), "quantizer.ema_sum": torch.zeros(16, 8),
              "quantizer.initialized": torch.tensor(True)}
     torch.save({"format": 2, "config": config, "model": state}, tmp_path / "old.pt")
     loaded, _ = vqvae.load_checkpoint(tmp_path / "old.pt")
-    assert loaded.cfg.cvq_distance == "l2" and torch.equal(loaded.quantizer.codebook, model.quantizer.codebook)
+    assert loaded.cfg.cvq_distance == "l2" and loaded.cfg.cvq_data_variance == 1.0
+    assert torch.equal(loaded.quantizer.codebook, model.quantizer.codebook)
     torch.save({"format": 99, "config": config, "model": state}, tmp_path / "new.pt")
     with pytest.raises(vqvae.UserError, match="format 99"):
         vqvae.load_checkpoint(tmp_path / "new.pt")

@@ -1,6 +1,7 @@
 """Sweeps through the real CLI: run, skip finished experiments, resume an interrupted one, summarise."""
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -120,3 +121,10 @@ def test_table_only_rebuilds_the_table_from_the_runs_there_are_and_trains_nothin
     assert "starting" not in stdout and not (sweep_dir / "ba").exists()
     results = read_results(sweep_dir)
     assert results["vq"]["psnr"] and not results["ba"]["psnr"]  # the missing run is a row without metrics
+
+
+def test_table_only_without_runs_says_where_it_looked(tmp_path):
+    where = re.escape(str(tmp_path / "leaderboard"))
+    with pytest.raises(sweep.UserError, match=f"no runs of this sweep in {where} .*--out_dir results"):
+        sweep.run_sweep(ROOT / "sweeps" / "leaderboard.yaml", flags={"out_dir": str(tmp_path)}, table_only=True)
+    assert not (tmp_path / "leaderboard").exists()
