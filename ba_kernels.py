@@ -16,6 +16,10 @@ import torch
 import plumbing
 from plumbing import chunk_rows, dist_logsumexp, dist_sum_, log_total_rows, row_argmax, row_topk, with_ones
 
+# ################################################################################################################
+# Exact E-M pass (ba_assign)
+# ################################################################################################################
+
 class BAResult(typing.NamedTuple):
     """What a BA E-M pass returns (ba_assign, ba_assign_topk and the plain ba_assign_direct alike)."""
     z_soft: torch.Tensor  # (N, D) sum_k p(k|e_n) c_k; (0, D) when not asked for
@@ -277,6 +281,10 @@ def _log_colsum(col, e1, W, lse_row, chunk) -> tuple[torch.Tensor, Optional[torc
     out[cols] = lse
     return out, cols
 
+
+# ################################################################################################################
+# Top-k truncation (ba_assign_topk)
+# ################################################################################################################
 
 def ba_assign_topk(e, C, log_Q0, beta, k: int, chunk: int, want_sums: bool = False, want_z: bool = True) -> BAResult:
     """`ba_assign` (one E-M iteration) with each row's p(.|e_n) truncated to its k largest logits T_n and
