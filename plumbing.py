@@ -1,7 +1,8 @@
 """The plumbing of vqvae.py, kept apart from the method: collectives across data-parallel ranks (every one a no-op in
 a single process), fast tensor kernels (CPU-aware chunking, tiled nearest code, row argmax and top-k, scatter sums),
 crash-safe file writes, and the one place metrics are written (metrics.jsonl and W&B). Imports nothing of the
-project.
+project. Its import does one thing: it puts the cuBLAS workspace setting that --deterministic needs in force before
+any CUDA work (see set_deterministic).
 """
 from __future__ import annotations
 
@@ -53,12 +54,32 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")  # the workspace settings under which cuBLAS GEMMs repeat bit for bit
+# cuBLAS reads CUBLAS_WORKSPACE_CONFIG once, at the process's first GEMM, so --deterministic cannot set it when a run
+# starts: a notebook, the test suite or a sweep may have run a GEMM before. It is set here, when the project is
+# imported, before the project does any CUDA work (:4096:8 is cuBLAS's own size on H100/H200, ~24 MiB more elsewhere)
+_CUBLAS_BEFORE_IMPORT = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC[0])
+# the setting cuBLAS starts with, as far as can be told: the one before this import if CUDA was already at work
+_CUBLAS_AT_START = _CUBLAS_BEFORE_IMPORT if torch.cuda.is_initialized() else os.environ["CUBLAS_WORKSPACE_CONFIG"]
+
+
 def set_deterministic(on: bool):
     """Deterministic algorithms (the index/scatter ops the quantizers use, index_add_ and index_put_ among them,
     switch to their deterministic CUDA versions), cuDNN deterministic, and the cuBLAS workspace setting CUDA needs
-    for repeatable GEMMs. The workspace is read when cuBLAS starts, so this runs before the first CUDA op."""
+    for repeatable GEMMs. That setting takes effect only if it was in place at the process's first GEMM (see
+    above): UserError, naming the fix, when CUDA may have started without it."""
     if on:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        config, cuda_started = os.environ.get("CUBLAS_WORKSPACE_CONFIG"), torch.cuda.is_initialized()
+        if config is None and not cuda_started:
+            config = os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_DETERMINISTIC[0]
+        late = cuda_started and config != _CUBLAS_AT_START  # cuBLAS may hold another setting than the current one
+        if config not in CUBLAS_DETERMINISTIC or late:
+            raise UserError(f"--deterministic needs CUBLAS_WORKSPACE_CONFIG={CUBLAS_DETERMINISTIC[0]} in force from "
+                            f"the process's first GEMM (cuBLAS reads it once); it is {config or 'unset'}"
+                            + (" and CUDA may have started without it" if late else "")
+                            + f": start Python with CUBLAS_WORKSPACE_CONFIG={CUBLAS_DETERMINISTIC[0]}, or import "
+                              f"the project before any CUDA work")
     torch.use_deterministic_algorithms(on)
     torch.backends.cudnn.deterministic = on
 
