@@ -106,6 +106,40 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+class LatestOnHost:
+    """The latest value of a device scalar that has reached the host, read without making the host wait.
+
+    Each call hands in this step's value t (a 0-d tensor). On a single GPU, outside deterministic mode, a call
+    starts a copy of t to pinned host memory and records an event behind it, unless a copy is still in flight, and
+    returns the newest value whose copy has finished: a step or so old, the first call's own (which waits). Elsewhere
+    it returns float(t): on the CPU reading costs no sync; several ranks must decide alike; and under
+    torch.use_deterministic_algorithms a run, and its resume, must not depend on timing.
+    """
+    LAGGED_DEVICES = ("cuda",)
+    Event = torch.cuda.Event
+
+    def __init__(self):
+        self._pending = None  # (host copy, event) in flight
+        self._value: Optional[float] = None
+
+    @torch.compiler.disable  # host-side bookkeeping: runs as written, between compiled graphs
+    def __call__(self, t: torch.Tensor) -> float:
+        if (t.device.type not in self.LAGGED_DEVICES or world_size() > 1
+                or torch.are_deterministic_algorithms_enabled()):
+            return float(t)
+        if self._pending is not None and self._pending[1].query():
+            self._value, self._pending = float(self._pending[0]), None
+        if self._pending is None:
+            host = torch.empty((), dtype=t.dtype, pin_memory=t.is_cuda).copy_(t, non_blocking=True)
+            event = self.Event()
+            event.record()
+            self._pending = (host, event)
+            if self._value is None:  # the first call
+                event.synchronize()
+                self._value, self._pending = float(host), None
+        return self._value
+
+
 def dist_rank_world() -> tuple[int, int]:
     """(rank, world size) of this process; under torchrun (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment)
     the process group is started here: gloo for CPU tensors, and NCCL for CUDA tensors where CUDA is present."""
