@@ -255,19 +255,19 @@ def stats_path(images: torch.Tensor, dataset: str, split: str, net: FIDInception
 
 
 def real_stats(net: FIDInception, images: torch.Tensor, dataset: str, split: str, batch: int = 50,
-               folder: Optional[Path] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mu (2048,), sigma (2048, 2048)) float64 of the real images (N, 3, H, W) uint8, from the cache or computed
-    once and cached. An unreadable cache file is recomputed and replaced."""
+               folder: Optional[Path] = None, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(mu (2048,), sigma (2048, 2048)) float64 on `device` of the real images (N, 3, H, W) uint8, from the cache
+    or computed once and cached. An unreadable cache file is recomputed and replaced."""
     path = stats_path(images, dataset, split, net, _device(net).type, folder)
     if path.is_file():
         with contextlib.suppress(Exception):
             cached = torch.load(path, map_location="cpu", weights_only=True)
-            return cached["mu"], cached["sigma"]
+            return cached["mu"].to(device, torch.float64), cached["sigma"].to(device, torch.float64)
     mu, sigma = feature_stats(inception_features(net, images, batch))
     path.parent.mkdir(parents=True, exist_ok=True)
     stats = {"mu": mu, "sigma": sigma, "n": len(images), "dataset": dataset, "split": split, "source": net.source}
     atomic_write(path, lambda fh: torch.save(stats, fh))  # a second process caching the same file is harmless
-    return mu, sigma
+    return mu.to(device), sigma.to(device)
 
 
 def rfid(net: FIDInception, real: tuple[torch.Tensor, torch.Tensor], x_hat: torch.Tensor, batch: int = 50) -> float:
@@ -405,5 +405,7 @@ class PerceptualMetrics:
         """rFID from the reconstructions' feature moments (summed over ranks here) against the real images'."""
         for t in (moments.n, moments.s1, moments.s2):
             dist_sum_(t)
-        real = real_stats(self.fid_net, self.real_u8, self.dataset, "test")  # cached after the first
-        return frechet_distance(*real, *moments.stats())
+        mu, sigma = moments.stats()
+        # the real statistics (cached after the first run, read back on the CPU) join the moments on their device
+        real = real_stats(self.fid_net, self.real_u8, self.dataset, "test", device=mu.device)
+        return frechet_distance(*real, mu, sigma)

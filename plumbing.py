@@ -1,7 +1,8 @@
 """The plumbing of vqvae.py, kept apart from the method: collectives across data-parallel ranks (every one a no-op in
 a single process), fast tensor kernels (CPU-aware chunking, tiled nearest code, row argmax and top-k, scatter sums),
 crash-safe file writes, and the one place metrics are written (metrics.jsonl and W&B). Imports nothing of the
-project.
+project. Its import does one thing: it puts the cuBLAS workspace setting that --deterministic needs in force before
+any CUDA work (see set_deterministic).
 """
 from __future__ import annotations
 
@@ -53,12 +54,32 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")  # the workspace settings under which cuBLAS GEMMs repeat bit for bit
+# cuBLAS reads CUBLAS_WORKSPACE_CONFIG once, at the process's first GEMM, so --deterministic cannot set it when a run
+# starts: a notebook, the test suite or a sweep may have run a GEMM before. It is set here, when the project is
+# imported, before the project does any CUDA work (:4096:8 is cuBLAS's own size on H100/H200, ~24 MiB more elsewhere)
+_CUBLAS_BEFORE_IMPORT = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC[0])
+# the setting cuBLAS starts with, as far as can be told: the one before this import if CUDA was already at work
+_CUBLAS_AT_START = _CUBLAS_BEFORE_IMPORT if torch.cuda.is_initialized() else os.environ["CUBLAS_WORKSPACE_CONFIG"]
+
+
 def set_deterministic(on: bool):
     """Deterministic algorithms (the index/scatter ops the quantizers use, index_add_ and index_put_ among them,
     switch to their deterministic CUDA versions), cuDNN deterministic, and the cuBLAS workspace setting CUDA needs
-    for repeatable GEMMs. The workspace is read when cuBLAS starts, so this runs before the first CUDA op."""
+    for repeatable GEMMs. That setting takes effect only if it was in place at the process's first GEMM (see
+    above): UserError, naming the fix, when CUDA may have started without it."""
     if on:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        config, cuda_started = os.environ.get("CUBLAS_WORKSPACE_CONFIG"), torch.cuda.is_initialized()
+        if config is None and not cuda_started:
+            config = os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_DETERMINISTIC[0]
+        late = cuda_started and config != _CUBLAS_AT_START  # cuBLAS may hold another setting than the current one
+        if config not in CUBLAS_DETERMINISTIC or late:
+            raise UserError(f"--deterministic needs CUBLAS_WORKSPACE_CONFIG={CUBLAS_DETERMINISTIC[0]} in force from "
+                            f"the process's first GEMM (cuBLAS reads it once); it is {config or 'unset'}"
+                            + (" and CUDA may have started without it" if late else "")
+                            + f": start Python with CUBLAS_WORKSPACE_CONFIG={CUBLAS_DETERMINISTIC[0]}, or import "
+                              f"the project before any CUDA work")
     torch.use_deterministic_algorithms(on)
     torch.backends.cudnn.deterministic = on
 
@@ -83,6 +104,40 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+class LatestOnHost:
+    """The latest value of a device scalar that has reached the host, read without making the host wait.
+
+    Each call hands in this step's value t (a 0-d tensor). On a single GPU, outside deterministic mode, a call
+    starts a copy of t to pinned host memory and records an event behind it, unless a copy is still in flight, and
+    returns the newest value whose copy has finished: a step or so old, the first call's own (which waits). Elsewhere
+    it returns float(t): on the CPU reading costs no sync; several ranks must decide alike; and under
+    torch.use_deterministic_algorithms a run, and its resume, must not depend on timing.
+    """
+    LAGGED_DEVICES = ("cuda",)
+    Event = torch.cuda.Event
+
+    def __init__(self):
+        self._pending = None  # (host copy, event) in flight
+        self._value: Optional[float] = None
+
+    @torch.compiler.disable  # host-side bookkeeping: runs as written, between compiled graphs
+    def __call__(self, t: torch.Tensor) -> float:
+        if (t.device.type not in self.LAGGED_DEVICES or world_size() > 1
+                or torch.are_deterministic_algorithms_enabled()):
+            return float(t)
+        if self._pending is not None and self._pending[1].query():
+            self._value, self._pending = float(self._pending[0]), None
+        if self._pending is None:
+            host = torch.empty((), dtype=t.dtype, pin_memory=t.is_cuda).copy_(t, non_blocking=True)
+            event = self.Event()
+            event.record()
+            self._pending = (host, event)
+            if self._value is None:  # the first call
+                event.synchronize()
+                self._value, self._pending = float(host), None
+        return self._value
 
 
 def dist_rank_world() -> tuple[int, int]:

@@ -949,7 +949,7 @@ class BAQuantizer(CodebookQuantizer):
         # eval_codes 'auto' resolved: the nearest code when training's prior is uniform, else MAP under Q_run
         self.eval_rule = (hp.eval_codes if hp.eval_codes != "auto" else
                           "nearest" if hp.marginal == "batch" and hp.ba_iters == 1 else "running")
-        self._topk_pending, self._topk_truncate = None, None  # the top-k decision's measurement in flight (CUDA)
+        self._dropped_seen = plumbing.LatestOnHost()  # the top-k decision reads the dropped mass without waiting
 
     @staticmethod
     def _fill_use_count(state, prefix, *args):
@@ -1032,7 +1032,7 @@ class BAQuantizer(CodebookQuantizer):
                 dropped = dist_sum_(dropped * len(rows)) / n.clamp_min(1)  # every rank then takes one branch
             metrics["topk_dropped"] = dropped
             if self.training:
-                truncate = self._may_truncate(dropped)
+                truncate = self._dropped_seen(dropped) <= hp.ba_topk_max_drop  # a step or so old on one GPU
                 # fills, not torch.tensor(..., device), whose copy to a GPU waits for it
                 metrics["topk_exact"] = torch.full((), 0.0 if truncate else 1.0, device=e.device)
                 if truncate:
@@ -1040,25 +1040,6 @@ class BAQuantizer(CodebookQuantizer):
                                           want_z=want_z), metrics
         return self.assign(e, C, log_Q0, beta, hp.ba_iters, hp.chunk_size, want_sums=ema, want_z=want_z,
                            memory=hp.ba_memory_mib << 20), metrics
-
-    def _may_truncate(self, dropped: torch.Tensor) -> bool:
-        """Whether this step may run truncated: its dropped mass within ba_topk_max_drop. On a single GPU the
-        latest measurement that has reached the host decides (copied without waiting; the first step waits for its
-        own), so the step needs no host sync; elsewhere (the CPU; several ranks, which must agree) this step's."""
-        limit = self.hp.ba_topk_max_drop
-        if dropped.device.type != "cuda" or world_size() > 1:
-            return float(dropped) <= limit
-        if self._topk_pending is not None and self._topk_pending[1].query():
-            self._topk_truncate, self._topk_pending = float(self._topk_pending[0]) <= limit, None
-        if self._topk_pending is None:
-            host = torch.empty((), dtype=dropped.dtype, pin_memory=True).copy_(dropped, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._topk_pending = (host, event)
-            if self._topk_truncate is None:  # the first step
-                event.synchronize()
-                self._topk_truncate, self._topk_pending = float(host) <= limit, None
-        return self._topk_truncate
 
     @torch.no_grad()
     def _eval_codes(self, e: torch.Tensor, batch_map: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import ba_kernels
+import plumbing
 import vqvae
 
 
@@ -83,6 +84,64 @@ def test_quantizer_uses_top_k_within_the_bound_and_falls_back_to_exact_beyond_it
     q.codebook.copy_(torch.randn(32, 6))
     metrics = q(z)[2]
     assert 0 <= metrics["topk_dropped"] <= 1  # evaluation reports the exact mass the truncation would drop
+
+
+class _Event:
+    """Stands in for torch.cuda.Event: its copy has finished when the test says so."""
+    done = False
+
+    def record(self):
+        pass
+
+    def query(self):
+        return _Event.done
+
+    def synchronize(self):
+        pass
+
+
+@pytest.fixture
+def lagging(monkeypatch):
+    """LatestOnHost on the CPU as on one GPU: copies to the host in flight until the test finishes them."""
+    monkeypatch.setattr(plumbing.LatestOnHost, "LAGGED_DEVICES", ("cpu",))
+    monkeypatch.setattr(plumbing.LatestOnHost, "Event", _Event)
+    monkeypatch.setattr(_Event, "done", False)
+    return _Event
+
+
+def test_latest_on_host_returns_the_newest_value_whose_copy_has_finished(lagging):
+    seen = plumbing.LatestOnHost()
+    values = [seen(torch.tensor(v)) for v in (1.0, 2.0, 3.0)]
+    assert values == [1.0, 1.0, 1.0]  # the first call waits for its own; 2's copy is then in flight, and no other
+    lagging.done = True
+    assert [seen(torch.tensor(v)) for v in (4.0, 5.0)] == [2.0, 4.0]  # 2 arrived (4 sent), then 4 (5 sent)
+    torch.use_deterministic_algorithms(True)
+    try:
+        lagging.done = False
+        assert [seen(torch.tensor(v)) for v in (6.0, 7.0)] == [6.0, 7.0]  # deterministic: this call's value
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_top_k_decides_from_its_own_step_in_deterministic_mode(lagging, deterministic):
+    """On one GPU the truncate-or-exact choice reads the latest dropped mass that has reached the host, a step or so
+    old, so it depends on timing; under --deterministic (torch's deterministic algorithms on) each step decides from
+    its own, so a run and its resume repeat. The lag stands in on the CPU: copies that never finish."""
+    z = torch.randn(4, 6, 5, 5, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(0)
+    q = make_q(ba_topk=6).train()  # ba_topk_max_drop 1e-3
+    exact = []
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        for beta in (10.0, 10.0, 0.5):  # sharp (k-means, then a step): within the bound; blurred: far beyond it
+            q.set_beta(beta)
+            metrics = q(z)[2]
+            exact.append(float(metrics["topk_exact"]))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert metrics["topk_dropped"] > 0.1
+    assert exact == ([0.0, 0.0, 1.0] if deterministic else [0.0, 0.0, 0.0])  # lagging: the first step's mass
 
 
 @pytest.mark.parametrize("overrides,message", [({"ba_topk": 4, "ba_iters": 2}, "ba_iters 1"),

@@ -91,3 +91,31 @@ def test_deterministic_sets_its_switches_and_leaves_a_cpu_run_unchanged(tmp_path
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
     assert exact == plain  # CPU fp32 is exact either way: the mode only matters on CUDA
     assert "deterministic" in vqvae.RESUMABLE_CHANGES  # a run may be continued with or without it
+
+
+def test_importing_the_project_puts_the_cublas_setting_in_force_before_any_gemm():
+    """cuBLAS reads CUBLAS_WORKSPACE_CONFIG once, at a process's first GEMM, and --deterministic may be turned on
+    after GEMMs ran (a notebook, the suite, a sweep): the entry points set it when they import the project."""
+    env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    code = "import os, train; print(os.environ.get('CUBLAS_WORKSPACE_CONFIG'))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == ":4096:8", proc.stderr[-2000:]
+
+
+def test_deterministic_after_a_gemm_holds_or_refuses_when_cublas_may_hold_another_setting(monkeypatch):
+    a = torch.randn(64, 64)
+    a @ a
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # as if that GEMM had started cuBLAS
+    try:
+        vqvae.set_deterministic(True)  # the setting the import put in place: in force from the first GEMM
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        vqvae.set_deterministic(False)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")  # cuBLAS started without it: setting it now would change nothing
+    with pytest.raises(vqvae.UserError, match="CUBLAS_WORKSPACE_CONFIG=:4096:8"):
+        vqvae.set_deterministic(True)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    monkeypatch.setattr(vqvae.plumbing, "_CUBLAS_AT_START", None)  # CUDA at work before the project's import
+    with pytest.raises(vqvae.UserError, match="may have started without it"):
+        vqvae.set_deterministic(True)
+    assert not torch.are_deterministic_algorithms_enabled()

@@ -206,6 +206,22 @@ def test_real_stats_are_computed_once_per_data_and_cached(empty_cache):
     assert P.real_stats(net, images, "cifar10-sample", "test", batch=20)[0].equal(mu) and counting.calls == 12
 
 
+def test_rfid_compares_the_real_statistics_on_the_device_of_the_moments(empty_cache, monkeypatch):
+    """A CUDA run's moments live on the GPU while the real statistics are computed, or read from the cache, on the
+    CPU: rfid hands the Fréchet distance all four on the moments' device, in float64, whether the statistics were
+    just computed or cached by an earlier run. `meta` stands in for the GPU."""
+    net, images = _small_net(), _sample(n=40)
+    seen = []
+    monkeypatch.setattr(P, "frechet_distance", lambda *ts: seen.append([(t.device.type, t.dtype) for t in ts]) or 0.0)
+    scorer = P.PerceptualMetrics(fid_net=net, real_u8=images, dataset="cifar10-sample")
+    for _ in range(2):  # computed, then from the cache
+        moments = P.FeatureMoments(32, "meta")
+        moments.update(torch.empty(40, 32, device="meta"))
+        scorer.rfid(moments)
+    assert len(list(empty_cache.iterdir())) == 1
+    assert seen == [[("meta", torch.float64)] * 4] * 2
+
+
 # ------------------------------------------------------------------------------------------------------------ LPIPS
 
 def _random_lpips(seed=0) -> P.LPIPS:

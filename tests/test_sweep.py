@@ -92,18 +92,21 @@ def test_seeds_key_runs_every_experiment_once_per_seed(tmp_path):
 
 
 def test_jobs_run_experiments_side_by_side_with_the_results_of_one_by_one(tmp_path):
+    """Bit for bit: on the CPU in fp32 (a GPU's autotuning, atomic adds and bf16 are not; tools/gpu_check.py checks
+    --jobs there under --deterministic)."""
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(TINY_SWEEP))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads per run both ways: the same arithmetic
-    run_sweep_cli(path, tmp_path / "one", env=env)
-    stdout = run_sweep_cli(path, tmp_path / "two", "--jobs", "2", env=env)
+    exact = ["--device", "cpu"]
+    run_sweep_cli(path, tmp_path / "one", *exact, env=env)
+    stdout = run_sweep_cli(path, tmp_path / "two", "--jobs", "2", *exact, env=env)
     assert "vq: done" in stdout and "ba: done" in stdout
     for name in ("vq", "ba"):
         one, two = (tmp_path / d / "tiny" / name for d in ("one", "two"))
         assert (two / "final_metrics.json").read_text() == (one / "final_metrics.json").read_text()
         assert "Training complete" in (tmp_path / "two" / "tiny" / "logs" / f"{name}.log").read_text()
     assert read_results(tmp_path / "two" / "tiny").keys() == {"vq", "ba"}
-    stdout = run_sweep_cli(path, tmp_path / "two", "--jobs", "2", env=env)  # the skip rule holds with jobs
+    stdout = run_sweep_cli(path, tmp_path / "two", "--jobs", "2", *exact, env=env)  # the skip rule holds with jobs
     assert "vq: finished, skipping" in stdout and "ba: finished, skipping" in stdout and "done" not in stdout
 
 
