@@ -41,8 +41,8 @@ def ba_assign(e, C, log_Q0, beta, iters: int, chunk: int, want_sums: bool = Fals
     return BAResult(*_BAAssign.apply(e, C, log_Q0, beta, int(iters), int(chunk), want_sums, int(memory), want_z))
 
 
-LIVE_BLOCKS = 6  # (rows, K) temporaries a BA block holds at once at most: the backward's logits, their clamped copy
-# (until softmax returns), p, dL/dl, and the underflowing columns' logits and terms (<= K columns each)
+LIVE_BLOCKS = 5  # (rows, K) temporaries a BA block holds at once at most: the backward's logits, p, dL/dl, and the
+# underflowing columns' logits and terms (<= K columns each)
 
 
 def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -60,15 +60,6 @@ def ba_plan(N: int, K: int, iters: int, chunk: int, device, elem: int, memory: i
     keep = grad and kept <= memory // 2  # then blocks get the other half at least
     room = memory - kept if keep else memory
     return max(1, min(N, chunk_rows(chunk, K, device), room // (LIVE_BLOCKS * K * elem))), keep
-
-
-def exp_floor(dtype) -> float:
-    """Shifted logits (<= 0) are clamped here before the softmax: exp() of anything lower lands under the smallest
-    normal float, where CPU exp leaves its fast path (10-80x slower; at a sharp beta most entries are there). A
-    clamped entry becomes e x the smallest normal instead of a subnormal or 0: at most 3e-38 (float32) in p, which
-    matters only to sums of such terms, and `_log_colsum` takes every column that small in log space, from the
-    unclamped logits."""
-    return math.log(torch.finfo(dtype).tiny) + 1.0
 
 
 class _BAAssign(torch.autograd.Function):
@@ -93,7 +84,6 @@ class _BAAssign(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an output nobody used (z with hard codes) gets no adjoint, and no GEMM
         N, K = len(e), len(C)
         chunk, cache = ba_plan(N, K, iters, chunk, e.device, e.element_size(), memory, any(ctx.needs_input_grad[:2]))
-        floor = exp_floor(e.dtype)
         c_sq = (C * C).sum(1)  # (K,)
         log_Qs, saved, lse_cs, unders = [log_Q0], [[] for _ in range(iters)], [], []
         z = e.new_empty(len(e) if want_z else 0, C.shape[1])  # (N, D)
@@ -116,7 +106,7 @@ class _BAAssign(torch.autograd.Function):
                 logits.sub_(top[:, None])  # (chunk, K) l - max l <= 0
                 if cache:
                     saved[t].append(logits)
-                p = torch.softmax(logits.clamp(min=floor), dim=1)  # (chunk, K)
+                p = torch.softmax(logits, dim=1)  # (chunk, K)
                 col += p.sum(0)
                 max_p = p.amax(1)  # (chunk,) = exp(0 - lse_c): the row logsumexp from a fast reduction
                 lse_c[rows], top_all[rows] = -max_p.log(), top
@@ -198,7 +188,7 @@ class _BAIteration:
 
     def backward(self, g_z, z, g_q, g_e, g_C, want_prev: bool, g_H=None) -> torch.Tensor:
         """Adds this iteration's share to g_e (N, D) and g_C (K, D) in place; returns dL/dlog Q_{t-1} (K,)."""
-        e, C, under, floor = self.e, self.C, self.under, exp_floor(self.e.dtype)
+        e, C, under = self.e, self.C, self.under
         W = _ba_logit_weights(C, (C * C).sum(1), self.log_Q_prev, self.beta)  # (K, D+1)
         e1 = with_ones(e)  # (N, D+1)
         w = g_q * torch.exp(-self.log_Q - self.log_N)  # (K,)
@@ -216,7 +206,7 @@ class _BAIteration:
             else:
                 logits = e1[rows] @ W.t()  # formed again as in the forward
                 logits.sub_(logits.amax(1, keepdim=True))
-            p = torch.softmax(logits.clamp(min=floor), dim=1)  # (chunk, K), the forward's operations: its bits
+            p = torch.softmax(logits, dim=1)  # (chunk, K), the forward's operation on the same logits: its bits
             r = p @ w  # (chunk,)
             if g_z is not None:
                 r += (g_z[rows] * z[rows]).sum(1)
@@ -260,13 +250,12 @@ def _ba_logit_weights(C, c_sq, log_Q, beta):
 def _log_colsum(col, e1, W, lse_row, chunk) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(log sum_n p_nk (K,), the underflowing columns or None): from the linear column sums `col` (K,), and in log
     space (logsumexp) for the columns whose sum underflows, so log Q stays finite even at beta = 1e4. A column counts
-    as underflowing when its terms may sit at the forward's clamp (`exp_floor`) or below, i.e. sum < N exp(floor) /
-    eps: where float32 keeps too few digits (a sum stored as 2.8e-45 was 13% off), and where the clamped terms (each
-    off by at most exp(floor)) could move the sum by more than its last digit; above that they cannot.
+    as underflowing when all its terms may be subnormal (sum < N x smallest normal), where float32 keeps too few
+    digits (a sum stored as 2.8e-45 was 13% off); above that the subnormal terms' rounding is below 1e-7 of the sum.
     Those columns' logits are formed again (a GEMM of N x (their number)), log p = logits - lse_row. Whether there
     are any is the one host read of an exact BA step (their number sets the shapes that follow)."""
     out = col.log()
-    under = col < len(e1) * math.exp(exp_floor(col.dtype)) / torch.finfo(col.dtype).eps
+    under = col < torch.finfo(col.dtype).tiny * len(e1)
     if not bool(under.any()):
         return out, None
     cols = under.nonzero().squeeze(1)
@@ -381,7 +370,7 @@ def topk_dropped_mass(e, C, log_Q0, beta, k: int, chunk: int) -> torch.Tensor:
     total, chunk = e.new_zeros(()), chunk_rows(chunk, K, e.device)
     for s in range(0, len(e), chunk):
         logits = e1[s:s + chunk] @ W.t()  # (chunk, K)
-        p = torch.softmax(logits.sub_(logits.amax(1, keepdim=True)).clamp_(min=exp_floor(e.dtype)), 1)
+        p = torch.softmax(logits, 1)
         # the k largest p are the k largest logits'; summing p avoids a logsumexp of logits ~1e3 from 0
         total += (1 - row_topk(p, k)[0].sum(1)).clamp_(min=0).sum()
     return total / max(len(e), 1)
