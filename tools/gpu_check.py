@@ -767,8 +767,10 @@ def stage_jobs(args):
 
 def preload():
     """torch and the project imported here, once, before the stages' processes fork from this one (each then starts
-    in a moment instead of seconds). Nothing here starts CUDA: each stage's process does. None, or the error."""
+    in a moment instead of seconds). Nothing here may start CUDA, which a forked process could not use: each stage's
+    process starts its own. None, or the error."""
     sys.path.insert(0, str(ROOT))
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # a torch.cuda.is_available() here: NVML, fork-safe
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -786,7 +788,8 @@ def preload():
         import vector_quantize_pytorch  # noqa: F401  (the peer, where installed: seconds of imports)
     except ImportError:
         pass
-    return None
+    import torch
+    return "CUDA started while importing: the stages' CUDA work will fail" if torch.cuda.is_initialized() else None
 
 
 def _project(args):
