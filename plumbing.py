@@ -112,8 +112,9 @@ class LatestOnHost:
     Each call hands in this step's value t (a 0-d tensor). On a single GPU, outside deterministic mode, a call
     starts a copy of t to pinned host memory and records an event behind it, unless a copy is still in flight, and
     returns the newest value whose copy has finished: a step or so old, the first call's own (which waits). Elsewhere
-    it returns float(t): on the CPU reading costs no sync; several ranks must decide alike; and under
-    torch.use_deterministic_algorithms a run, and its resume, must not depend on timing.
+    it returns float(t): on the CPU reading costs no sync; several ranks must decide alike; under
+    torch.use_deterministic_algorithms a run, and its resume, must not depend on timing; and in a compiled model the
+    read is a graph break, where copies and events would not keep their order.
     """
     LAGGED_DEVICES = ("cuda",)
     Event = torch.cuda.Event
@@ -122,9 +123,8 @@ class LatestOnHost:
         self._pending = None  # (host copy, event) in flight
         self._value: Optional[float] = None
 
-    @torch.compiler.disable  # host-side bookkeeping: runs as written, between compiled graphs
     def __call__(self, t: torch.Tensor) -> float:
-        if (t.device.type not in self.LAGGED_DEVICES or world_size() > 1
+        if (torch.compiler.is_compiling() or t.device.type not in self.LAGGED_DEVICES or world_size() > 1
                 or torch.are_deterministic_algorithms_enabled()):
             return float(t)
         if self._pending is not None and self._pending[1].query():

@@ -1,22 +1,71 @@
-"""tools/gpu_check.py, the script a GPU machine runs first, checked on the CPU in its quick mode: it runs its steps,
-times two epochs from the run's records, and writes its JSON and Markdown section."""
+"""tools/gpu_check.py, the first command on a GPU machine, checked on the CPU: its quick mode runs the whole plan end to
+end (every stage in a process group of its own, within its budget, reporting on stdout), writes the JSON and the
+table; the plan fits one call; a stage past its budget is stopped with its whole group and keeps what it reported."""
+import importlib.util
 import json
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "tools" / "gpu_check.py")
+gpu_check = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_check)
 
 
-def test_quick_check_on_the_cpu_times_epochs_and_writes_its_section(tmp_path):
-    proc = subprocess.run([sys.executable, "tools/gpu_check.py", "--device", "cpu", "--quick", "--steps",
-                           "machine,epochs", "--out", str(tmp_path), "--no_append"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_the_quick_plan_runs_every_stage_and_writes_its_json_and_table(tmp_path):
+    proc = subprocess.run([sys.executable, "tools/gpu_check.py", "--device", "cpu", "--quick", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     result = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert result["machine"]["torch"] and set(result) >= {"machine", "epochs"} and "bench" not in result
-    (run,) = result["epochs"].values()
-    assert run["exit_code"] == 0 and len(run["epoch_s"]) == 2 and all(s > 0 for s in run["epoch_s"])
+    assert proc.returncode == 0, json.dumps(result["stages"], indent=1)[-4000:]
+    stages = result["stages"]
+    assert list(stages) == list(gpu_check.PLAN)
+    assert all(s["status"] == "ok" and s["seconds"] <= s["budget_s"] for s in stages.values())
+    assert stages["data"]["train"] == gpu_check.QUICK["train_images"]
+    assert list(stages["tests"]["tests"].values()) == ["passed"]
+    assert stages["epochs"]["runs"]["vq_ema, --compile"]["compiled"] is True
+    assert all(len(r["epoch_s"]) == 1 and r["epoch_s"][0] > 0 for r in stages["epochs"]["runs"].values())
+    from test_host_syncs import KNOWN  # the CPU proxy gives the figures the suite pins
+    assert stages["syncs"]["per_step"] == {q: KNOWN.get(q, 0) for q in stages["syncs"]["per_step"]}
+    assert gpu_check.KNOWN_SYNCS == KNOWN
+    assert stages["jobs"]["equal"] is True and stages["ba65k"]["steps"]["ba"]["ms_per_step"] > 0
+    table = result["table"]
+    assert not [r for r in table if r["status"] in ("fail", "not run")], table
+    assert {r["status"] for r in table} <= {"pass", "info", "n/a", "n/a (quick)"}
     section = (tmp_path / "gpu_check.md").read_text()
-    assert section.startswith("## GPU check") and f"| {run['epoch_s'][1]} |" in section
-    assert "$ " in (tmp_path / "gpu_check.log").read_text()  # every command is logged with its output
+    assert all(f"| {r['goal']} | {r['target']} | {r['measured']} | {r['status']} |" in section for r in table)
+    assert proc.stdout.rstrip().endswith(section.rstrip())  # the table printed at the end
+
+
+def test_the_plan_fits_one_call_and_the_docstring_states_each_budget():
+    assert sum(gpu_check.PLAN.values()) <= gpu_check.CALL_LIMIT_S == 480
+    for name, budget in gpu_check.BUDGETS.items():
+        assert re.search(rf"^ +(--stage )?{name} +{budget} ", gpu_check.__doc__, re.M), name
+    assert re.search(rf"^ +{sum(gpu_check.PLAN.values())} +in all", gpu_check.__doc__, re.M)
+
+
+def test_a_stage_past_its_budget_is_stopped_with_its_whole_group_and_keeps_its_results(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "KILL_GRACE_S", 0.5)
+    out = tmp_path / "stage.out"
+    script = ("trap '' TERM; sleep 60 & echo $! > child.pid; echo 'RESULT {\"rows\": {\"a\": 1}}'; echo noise >&2;"
+              " echo 'RESULT {\"rows\": {\"b\": 2}}'; printf 'RESULT {\"cut'; while :; do sleep 0.1; done")
+    with open(out, "w") as fh:
+        proc = subprocess.Popen(["bash", "-c", script], cwd=tmp_path, stdout=fh, start_new_session=True)
+        while '{"cut' not in out.read_text():  # it has reported; it and its child ignore SIGTERM: SIGKILL it is
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        assert gpu_check.wait_group(proc.pid, 1.0) is None  # cut
+    assert time.monotonic() - t0 < 1.0 + 2.5
+    child = int((tmp_path / "child.pid").read_text())
+    assert not _running(proc.pid) and not _running(child)  # the stage and what it started
+    assert gpu_check.read_results(out.read_text()) == {"rows": {"a": 1, "b": 2}}  # the cut line is skipped
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")  # a zombie has ended, waiting only to be reaped
