@@ -369,8 +369,7 @@ def topk_dropped_mass(e, C, log_Q0, beta, k: int, chunk: int) -> torch.Tensor:
     e1 = with_ones(e)
     total, chunk = e.new_zeros(()), chunk_rows(chunk, K, e.device)
     for s in range(0, len(e), chunk):
-        logits = e1[s:s + chunk] @ W.t()  # (chunk, K)
-        p = torch.softmax(logits, 1)
+        p = torch.softmax(e1[s:s + chunk] @ W.t(), 1)  # (chunk, K)
         # the k largest p are the k largest logits'; summing p avoids a logsumexp of logits ~1e3 from 0
         total += (1 - row_topk(p, k)[0].sum(1)).clamp_(min=0).sum()
     return total / max(len(e), 1)
