@@ -911,7 +911,7 @@ class BAQuantizer(CodebookQuantizer):
                  argmax of p under the evaluated batch's own Q, so a code depends on the images around it.
     Losses: commitment_weight ||e - sg(z_q)||^2 + codebook_weight ||z_q - sg(e)||^2 + entropy_weight * usage term.
     beta follows a cosine schedule from beta_start to beta_end over the run (`schedule`); it stays on the device,
-    as does dbar, so a step reads nothing back from it but whether some Q underflowed (`_log_colsum`).
+    as does dbar, so a step reads nothing back from it but whether some Q underflowed (`ba_kernels._log_colsum`).
     The seeds' method is registered as `ba_seed` (soft, entropy, absolute, batch), whatever these options say.
     """
     TOPK_PROBE_STRIDE = 8  # training measures the top-k dropped mass on every 8th latent: 1/8 of a GEMM
