@@ -1,8 +1,8 @@
 """The plumbing of vqvae.py, kept apart from the method: collectives across data-parallel ranks (every one a no-op in
 a single process), fast tensor kernels (CPU-aware chunking, tiled nearest code, row argmax and top-k, scatter sums),
-crash-safe file writes, and the one place metrics are written (metrics.jsonl and W&B). Imports nothing of the
-project. Its import does one thing: it puts the cuBLAS workspace setting that --deterministic needs in force before
-any CUDA work (see set_deterministic).
+crash-safe file writes and the code's git state, and the one place metrics are written (metrics.jsonl and W&B).
+Imports nothing of the project. Its import does one thing: it puts the cuBLAS workspace setting that --deterministic
+needs in force before any CUDA work (see set_deterministic).
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import inspect
 import json
 import math
 import os
+import subprocess
 import tempfile
 import warnings
 from pathlib import Path
@@ -97,6 +98,13 @@ def compile_model(model: nn.Module, device: torch.device, backend: str = "induct
         warnings.warn(f"torch.compile unavailable on {device.type} ({type(err).__name__}: {err}); running eagerly")
         return False
     return True
+
+
+def device_description(device: torch.device) -> str:
+    """The device and, for a GPU, its name: 'cuda:0 (NVIDIA H100 80GB HBM3)', 'cpu'."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
@@ -380,6 +388,21 @@ def atomic_write(path: Path, write) -> Path:
         raise
     _fsync_dir(path.parent)  # the rename itself survives a power cut only once the folder is synced
     return path
+
+
+def git_state(folder: Path) -> dict:
+    """{"commit": HEAD of the git checkout holding `folder`, "dirty": whether its tracked files differ from HEAD};
+    {"commit": "unknown", "dirty": None} outside a checkout or without git."""
+    def git(*args) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, timeout=60)
+    try:
+        head = git("rev-parse", "HEAD")
+        status = git("status", "--porcelain", "--untracked-files=no") if head.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):  # no git, or it hung
+        head = status = None
+    if head is None or head.returncode != 0:
+        return {"commit": "unknown", "dirty": None}
+    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
 
 
 def _umask() -> int:

@@ -1,7 +1,8 @@
 """Loading finished runs for analyze.ipynb and the sweeps: records, tables, curves, codes and R(D) points.
 
 A run folder holds config.yaml, metrics.jsonl (train/* records every log_every steps, train_epoch/* means and
-val/* metrics every epoch), final_metrics.json and final_model.pt (see README, "What a run writes").
+val/* metrics every epoch), final_metrics.json, spectrum.json, provenance.json and final_model.pt (see README, "What a
+run writes").
 """
 from __future__ import annotations
 
@@ -37,19 +38,27 @@ def find_runs(root: str | Path) -> list[Path]:
     return sorted(p.parent for p in Path(root).rglob("config.yaml"))
 
 
+def read_json(path: Path) -> Optional[dict]:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def load_run(run_dir: str | Path) -> dict:
-    """Config, final metrics and logged records of one run folder."""
+    """Config, final metrics, logged records, spectra and provenance (None where the run has not written them: an
+    unfinished run, or one from before the file existed) of one run folder."""
     run_dir = Path(run_dir)
-    final = run_dir / "final_metrics.json"
     return {"dir": run_dir, "name": run_dir.name,
             "config": read_yaml(run_dir / "config.yaml"),
-            "final": json.loads(final.read_text()) if final.exists() else None,
-            "records": read_jsonl(run_dir / "metrics.jsonl")}
+            "final": read_json(run_dir / "final_metrics.json"),
+            "records": read_jsonl(run_dir / "metrics.jsonl"),
+            "spectrum": read_json(run_dir / "spectrum.json"),
+            "provenance": read_json(run_dir / "provenance.json")}
 
 
 TABLE_SETTINGS = ("quantizer", "codebook_size", "epochs", "commitment_weight")
 TABLE_QUANTIZER_SETTINGS = ("beta_start", "beta_end", "ba_iters", "entropy_weight", "dead_code_threshold")
-TABLE_METRICS = ("psnr", "ssim", "lpips", "rfid", "perplexity", "usage_rate", "dead_codes")
+TABLE_METRICS = ("psnr", "ssim", "lpips", "rfid", "perplexity", "usage_rate", "dead_codes", "train_usage",
+                 "train_perplexity", "latent_dim99", "latent_pr", "zq_dim99", "zq_pr", "codebook_dim99", "codebook_pr",
+                 "wf_dim", "wf_distortion", "quant_distortion")
 
 
 def quantizer_keys(name: str) -> Optional[set[str]]:
@@ -97,15 +106,30 @@ def runs_table(runs: list[dict]) -> list[dict]:
         rows.append({"run": run["name"], **{k: cfg.get(k) for k in TABLE_SETTINGS},
                      **{k: cfg.get(k) if keys is None or k in keys else None for k in TABLE_QUANTIZER_SETTINGS},
                      **{k: final.get(k) for k in TABLE_METRICS},
-                     "wall_time_s": sum(r.get("epoch_time", 0.0) for r in run["records"])})
+                     "wall_time_s": sum(r.get("epoch_time", 0.0) for r in run["records"]),
+                     "commit": commit_label(run.get("provenance"))})
     return rows
 
 
+def commit_label(provenance: Optional[dict]) -> Optional[str]:
+    """A run's commit as tables show it: the short hash, '+dirty' when tracked files differed from it; None for a
+    run without provenance.json."""
+    if not provenance:
+        return None
+    commit = provenance.get("commit") or "unknown"
+    return (commit[:7] if commit != "unknown" else commit) + ("+dirty" if provenance.get("dirty") else "")
+
+
+CURVE_METRICS = ("psnr", "perplexity", "usage_rate", "latent_dim99", "zq_dim99", "codebook_dim99", "wf_dim")
+
+
 def epoch_curves(run: dict) -> dict[str, np.ndarray]:
-    """Validation metrics per epoch: epoch, psnr, perplexity, usage_rate (arrays of one length)."""
+    """Validation metrics per epoch: epoch, step and CURVE_METRICS (arrays of one length; NaN where a record has
+    no such key, as the dimension columns in runs from before they existed)."""
     recs = [r for r in run["records"] if "val/psnr" in r]
     return {"epoch": np.array([r["epoch"] for r in recs], dtype=int),
-            **{k: np.array([r[f"val/{k}"] for r in recs], dtype=float) for k in ("psnr", "perplexity", "usage_rate")}}
+            "step": np.array([r["step"] for r in recs], dtype=int),
+            **{k: np.array([r.get(f"val/{k}", math.nan) for r in recs], dtype=float) for k in CURVE_METRICS}}
 
 
 def step_curves(run: dict) -> dict[str, np.ndarray]:

@@ -12,7 +12,8 @@ Sweep file:
       - ...
 
 `--table_only` trains nothing and writes results.csv and results.md from the run folders there are (a fresh clone's
-committed records rebuild a table this way).
+committed records rebuild a table this way). Each row carries the commit its run trained at and whether tracked files
+differed from it (`commit`, `dirty`, from the run's provenance.json; empty for runs from before it existed).
 
 Precedence: defaults < --config file < base < experiment < command-line flags. A finished experiment
 (final_metrics.json present) is skipped; an interrupted one (last.pt present) is resumed. At the end
@@ -41,7 +42,7 @@ import vqvae
 from vqvae import UserError
 
 SETTING_COLUMNS = ["experiment", "key_change", "quantizer", "codebook_size", "seed"]
-HEADLINE_COLUMNS = ["psnr", "perplexity", "usage_rate", "dead_codes", "wall_time_s"]
+HEADLINE_COLUMNS = ["psnr", "perplexity", "usage_rate", "dead_codes", "wall_time_s", "commit", "dirty"]
 
 
 def read_sweep(path: str | Path) -> dict:
@@ -142,15 +143,17 @@ def _launch(cfg: vqvae.Config, tmp: Path, threads: str) -> subprocess.Popen:
 
 
 def collect_results(configs: list[tuple[str, vqvae.Config]]) -> list[dict]:
-    """One row per experiment: its settings, wall time and every key of its final_metrics.json (None while
-    unfinished), best PSNR first."""
+    """One row per experiment: its settings, wall time, every key of its final_metrics.json and its commit (None
+    while unfinished), best PSNR first."""
     rows = []
     for key_change, cfg in configs:
         run_dir = Path(cfg.out_dir) / cfg.name
         run = runs.load_run(run_dir) if (run_dir / "config.yaml").exists() else {"final": None, "records": []}
+        provenance = run.get("provenance") or {}
         rows.append({"experiment": cfg.name, "key_change": key_change, "quantizer": cfg.quantizer,
                      "codebook_size": cfg.codebook_size, "seed": cfg.seed, **{k: None for k in HEADLINE_COLUMNS},
-                     **(run["final"] or {}), "wall_time_s": sum(r.get("epoch_time", 0) for r in run["records"])})
+                     **(run["final"] or {}), "wall_time_s": sum(r.get("epoch_time", 0) for r in run["records"]),
+                     "commit": provenance.get("commit"), "dirty": provenance.get("dirty")})
     return sorted(rows, key=lambda r: -(r["psnr"] if r["psnr"] is not None else -1e9))
 
 

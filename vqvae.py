@@ -25,6 +25,7 @@ import dataclasses
 import difflib
 import importlib
 import importlib.util
+import itertools
 import json
 import math
 import pickle
@@ -48,10 +49,9 @@ import yaml
 import perceptual
 import plumbing
 from ba_kernels import BAResult, ba_assign, ba_assign_topk, topk_dropped_mass
-from plumbing import (Logger, UserError, atomic_write, autocast_dtype, broadcast, chunk_rows, compile_model, ddp_device,
-                      ddp_wrap, dist_logsumexp, dist_rank_world, dist_sum_, gather_rows, log_total_rows, nearest_code,
-                      pick_device, random_rows, rank_local, row_argmax, row_topk, scatter_sum, set_deterministic,
-                      with_ones, world_size)
+from plumbing import (Logger, UserError, atomic_write, autocast_dtype, broadcast, compile_model, ddp_device, ddp_wrap,
+                      dist_rank_world, dist_sum_, gather_rows, nearest_code, pick_device, random_rows, rank_local,
+                      scatter_sum, set_deterministic, with_ones, world_size)
 
 REPO_DIR = Path(__file__).resolve().parent
 SAMPLE_PATH = REPO_DIR / "assets" / "cifar10_sample.npz"
@@ -516,11 +516,14 @@ def make_decoder(arch: str, dim: int) -> nn.Module:
 #     metrics  {"code_indices": (B, H, W) long, the code of every latent, plus any scalar tensors} logged per step
 #              as train/<name> (batch perplexity, usage, beta ...). In eval mode a latent's code depends on that
 #              latent alone (never on the batch around it), and z_q is codes(code_indices): the deployed model.
-#              An eval-mode "z_soft" (B, D, H, W) is decoded by validation too and scored as val/soft_psnr, a
-#              diagnostic of what a relaxed quantizer's decoder saw in training.
 #   schedule(progress)  called before every training step with progress in [0, 1] over the run (annealing).
 #   report()            {name: float} that validation adds to its record (e.g. the current beta).
 #   codes(idx)          the vectors (..., D) that code indices stand for.
+#   code_vectors()      all K of them (K, D), whose spectrum validation reports (codebook_dim99); codes(arange(K))
+#                       by default, None for a method whose codes are not K vectors.
+#   diagnostic_inputs(e)  {name: (N, D)} other decoder inputs for the eval-mode latents e that validation scores
+#                       as val/<name>_psnr beside the hard codes' (BA: its soft mixture, val/soft_psnr). {} by
+#                       default.
 #   param_groups()      optimizer groups of the quantizer's own parameters, e.g. a codebook with its own learning
 #                       rate: [{"params": [...], "lr": ..., "betas": ..., "weight_decay": ..., "max_grad_norm": ...}]
 #                       (AdamW's keys, plus the norm its gradient is clipped to). Every other parameter trains with
@@ -568,7 +571,7 @@ class Quantized(typing.NamedTuple):
     z_q: torch.Tensor  # (N, D) the quantized vectors, before decoder_input gives them a gradient path to e
     idx: torch.Tensor  # (N,) long, the code of every latent
     losses: dict  # {name: weighted scalar loss term}
-    metrics: dict  # {name: scalar tensor}, plus an optional eval-mode "z_soft" (N, D)
+    metrics: dict  # {name: scalar tensor}
 
 
 class Quantizer(nn.Module):
@@ -593,8 +596,6 @@ class Quantizer(nn.Module):
             stats = codebook_stats(code_counts(q.idx, self.K))  # the batch's perplexity and usage
             metrics = {"code_indices": q.idx.reshape(z.shape[0], z.shape[2], z.shape[3]),
                        "perplexity": stats["perplexity"], "usage_rate": stats["usage_rate"], **q.metrics}
-        if "z_soft" in metrics:
-            metrics["z_soft"] = self._unflatten(metrics["z_soft"], z)
         return self._unflatten(out, z).to(z.dtype), q.losses, metrics
 
     def quantize(self, e: torch.Tensor) -> Quantized:
@@ -615,6 +616,16 @@ class Quantizer(nn.Module):
         """Rows of the quantizer's (K, D) `codebook` (a parameter, buffer or property); a method without one
         overrides this."""
         return self.codebook[idx]
+
+    def code_vectors(self) -> Optional[torch.Tensor]:
+        """All K code vectors (K, D): the codebook, or the points a codebook-free method's codes stand for."""
+        device = next(itertools.chain(self.parameters(), self.buffers())).device
+        return self.codes(torch.arange(self.K, device=device))
+
+    def diagnostic_inputs(self, e: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{name: (N, D)}: decoder inputs other than the hard codes that validation scores for the latents e (N, D),
+        in eval mode, as val/<name>_psnr. None ({}) by default."""
+        return {}
 
     def param_groups(self) -> list[dict]:
         return []
@@ -983,20 +994,25 @@ class BAQuantizer(CodebookQuantizer):
             idx = nearest_code(rows, codes, self.hp.chunk_size)
             self.d_mean.copy_(dist_sum_((rows - codes[idx]).square().sum(1).mean()) / world_size())
 
-    def quantize(self, e: torch.Tensor) -> Quantized:
+    def _prior_and_beta(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log Q0 (K,), beta in units of squared latent distance) for a forward, on the device: Q0 uniform or the
+        running marginal; beta (absolute) or beta / dbar (relative)."""
         hp = self.hp
-        if self.needs_init():
-            self.first_step(e.detach())
-        # beta in units of squared latent distance, on the device: beta (absolute), or beta / dbar (relative)
         beta = self.beta if hp.beta_units == "absolute" else self.beta / self.d_mean.clamp_min(1e-30)
         # a copy: the running marginal is updated in place after this forward, backward needs what it saw
         log_Q0 = (self.log_Q_running.clone() if hp.marginal == "running"
                   else torch.full_like(self.log_Q_running, -math.log(self.K)))
+        return log_Q0, beta
+
+    def quantize(self, e: torch.Tensor) -> Quantized:
+        hp = self.hp
+        if self.needs_init():
+            self.first_step(e.detach())
+        log_Q0, beta = self._prior_and_beta()
         ema = self.training and self.ema_codebook
         # an EMA codebook is updated in place after this forward; backward needs the values it saw
         C = self.codebook.clone() if ema else self.codebook
         hard = hp.ba_forward == "hard" or not self.training  # evaluation reports the discrete model
-        # z_soft: what a soft decoder sees in training, and validation's soft-PSNR diagnostic
         ba, topk_metrics = self._assign(e, C, log_Q0, beta, ema, hard)
         idx = ba.idx if self.training else self._eval_codes(e.detach(), ba.idx, beta)
         z_q = self.codebook[idx] if hard else ba.z_soft  # (N, D)
@@ -1008,8 +1024,6 @@ class BAQuantizer(CodebookQuantizer):
             losses["mutual_info_loss"] = -hp.entropy_weight * (H_Q - ba.H_p)
         metrics = {"beta": self.beta.clone(), "max_p": ba.max_p, "H_p": ba.H_p.detach(), "H_Q": H_Q.detach(),
                    "mutual_info": (H_Q - ba.H_p).detach(), **topk_metrics}
-        if not self.training:  # the decoder on z_soft: soft PSNR, a diagnostic (the headline is hard codes)
-            metrics["z_soft"] = ba.z_soft
         if self.training:
             self._update(ba, e.detach())
             if hp.dead_code_threshold > 0:
@@ -1022,7 +1036,7 @@ class BAQuantizer(CodebookQuantizer):
         that is within ba_topk_max_drop, else exact (`topk_exact` = 1). Evaluation always runs exact and measures
         the dropped mass on every latent."""
         hp = self.hp
-        want_z = not hard or not self.training
+        want_z = not hard  # the soft mixture z_soft: what a soft decoder sees
         metrics = {}
         if hp.ba_topk:
             rows = e.detach()[::self.TOPK_PROBE_STRIDE] if self.training else e.detach()
@@ -1040,6 +1054,14 @@ class BAQuantizer(CodebookQuantizer):
                                           want_z=want_z), metrics
         return self.assign(e, C, log_Q0, beta, hp.ba_iters, hp.chunk_size, want_sums=ema, want_z=want_z,
                            memory=hp.ba_memory_mib << 20), metrics
+
+    @torch.no_grad()
+    def diagnostic_inputs(self, e: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The soft mixture sum_k p(k|e) c_k of the exact E-M pass, scored as val/soft_psnr: what a soft decoder
+        (ba_forward 'soft') sees in training, a diagnostic beside the hard codes that evaluation reports."""
+        log_Q0, beta = self._prior_and_beta()
+        return {"soft": self.assign(e, self.codebook, log_Q0, beta, self.hp.ba_iters, self.hp.chunk_size,
+                                       memory=self.hp.ba_memory_mib << 20).z_soft}
 
     @torch.no_grad()
     def _eval_codes(self, e: torch.Tensor, batch_map: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -1104,13 +1126,14 @@ class VQVAE(nn.Module):
 
     def forward(self, x: torch.Tensor):
         e = self.encoder(x)  # (B, D, 8, 8)
-        if self.phase == "ae":  # AE warm-up: the quantizer bypassed
-            z_q, quant_losses, metrics = e, {}, {}
-        else:
-            z_q, quant_losses, metrics = self.quantizer(e)
+        z_q, quant_losses, metrics = self.quantize(e)
         x_hat = self.decoder(z_q)  # (B, 3, 32, 32)
         recon_loss = F.mse_loss(x_hat.float(), x.float())
         return x_hat, recon_loss, quant_losses, metrics
+
+    def quantize(self, e: torch.Tensor):
+        """The quantizer's (z_q, losses, metrics) of encoder outputs e; in an AE warm-up (e, {}, {}): bypassed."""
+        return (e, {}, {}) if self.phase == "ae" else self.quantizer(e)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
@@ -1130,9 +1153,14 @@ def psnr_from_mse(mse: float, data_range: float = 2.0) -> float:
     return 10.0 * math.log10(data_range ** 2 / mse) if mse > 0 else math.inf
 
 
+def clamped_mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """MSE of x_hat clamped to the image range [-1, 1], as a deployed model's output would be displayed."""
+    return F.mse_loss(x_hat.float().clamp(-1, 1), x.float())
+
+
 def psnr(x: torch.Tensor, x_hat: torch.Tensor, data_range: float = 2.0) -> float:
-    """PSNR of x_hat clamped to the image range [-1, 1], as a deployed model's output would be displayed."""
-    return psnr_from_mse(F.mse_loss(x_hat.float().clamp(-1, 1), x.float()).item(), data_range)
+    """PSNR of x_hat clamped to the image range [-1, 1]."""
+    return psnr_from_mse(clamped_mse(x, x_hat).item(), data_range)
 
 
 def psnr_per_image(x: torch.Tensor, x_hat: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
@@ -1172,6 +1200,92 @@ def ssim(x: torch.Tensor, x_hat: torch.Tensor, window: int = 11, sigma: float = 
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     s = (2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a.square() + mu_b.square() + c1) * (var_a + var_b + c2))
     return s.flatten(1).mean(1)
+
+
+def image_scores(x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A batch's means that validation pools over the set: clamped_mse (-> psnr), psnr_per_image and ssim."""
+    return {"clamped_mse": clamped_mse(x, x_hat), "psnr_per_image": psnr_per_image(x, x_hat).mean(),
+            "ssim": ssim(x, x_hat).mean()}
+
+
+def quant_distortion(e: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance ||e - z_q||^2 per latent vector (summed over D) of latents e (N, D) and what the decoder
+    receives z_q (N, D): the distortion of the quantizer's output, on the scale of water_filling's."""
+    return (e.float() - z_q.float()).square().sum(1).mean()
+
+
+def moment_matrix(v: torch.Tensor) -> torch.Tensor:
+    """[v 1]^T [v 1] (D+1, D+1) of rows v (N, D) in float64: sum v v^T, sum v and N in one matrix, which adds over
+    batches and ranks. float64 because the covariance subtracts N mu mu^T from sum v v^T; on the CPU for MPS, which
+    has no float64."""
+    v = v.detach()
+    v1 = with_ones((v.cpu() if v.device.type == "mps" else v).double())  # (N, D+1)
+    return v1.T @ v1
+
+
+def covariance(moments: torch.Tensor) -> torch.Tensor:
+    """Centred covariance (D, D), denominator N - 1, of the rows summed into moment_matrix; zeros below 2 rows."""
+    n, s, ss = moments[-1, -1], moments[:-1, -1], moments[:-1, :-1]
+    return (ss - torch.outer(s, s) / n.clamp_min(1)) / (n - 1).clamp_min(1)
+
+
+def spectrum(moments: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues (D,) of the covariance of the rows summed into moment_matrix, descending, float64 on the CPU.
+    Those within rounding of zero (1e-12 of the rows' mean squared norm, which the float64 sums' cancellation
+    reaches) are 0, so rows that are all one vector have no dimension."""
+    moments = moments.detach().double().cpu()
+    lam = torch.linalg.eigvalsh(covariance(moments)).flip(0)
+    floor = 1e-12 * moments[:-1, :-1].trace() / moments[-1, -1].clamp_min(1)
+    return torch.where(lam > floor, lam, torch.zeros_like(lam))
+
+
+def effective_dim(eigvals: torch.Tensor, fraction: float = 0.99) -> int:
+    """The smallest k whose k largest eigenvalues hold `fraction` of the variance (0 without variance): the 99 %
+    effective dimension of Zhao et al. 2026 ("Continuous First, Discrete Later", their train_small2.py)."""
+    lam = eigvals.double().sort(descending=True).values
+    total = lam.sum()
+    if total <= 0:
+        return 0
+    return min(int((lam.cumsum(0) / total < fraction).sum()) + 1, len(lam))
+
+
+def participation_ratio(eigvals: torch.Tensor) -> float:
+    """(sum lambda)^2 / sum lambda^2: between 1 (one direction) and D (isotropic); 0 without variance."""
+    lam = eigvals.double()
+    sq = lam.square().sum()
+    return float(lam.sum().square() / sq) if sq > 0 else 0.0
+
+
+def water_filling(eigvals: torch.Tensor, bits: float) -> tuple[float, int, float]:
+    """Gaussian reverse water-filling (Cover & Thomas, Elements of Information Theory, Thm 10.3.3) on a spectrum:
+    the level theta with sum_i max(0, 1/2 log2(lambda_i / theta)) = bits. Returns (theta, d_WF = #{lambda_i > theta},
+    distortion sum_i min(theta, lambda_i)): the least distortion of a Gaussian source with these variances at that
+    rate, and the directions it spends bits on.
+
+    Exact: with the m largest lambda water-filled, log2 theta = (sum_{i<=m} log2 lambda_i - 2 bits) / m; the answer
+    is the first m whose theta reaches lambda_{m+1} (0 past the last), as the rate falls monotonically in theta.
+    """
+    lam = eigvals.double().sort(descending=True).values
+    lam = lam[lam > 0]
+    if len(lam) == 0:
+        return 0.0, 0, 0.0
+    log_lam = lam.log2()
+    for m in range(1, len(lam) + 1):
+        theta = float(2.0 ** ((log_lam[:m].sum() - 2 * bits) / m))
+        if m == len(lam) or theta >= lam[m]:
+            break
+    return theta, int((lam > theta).sum()), float(lam.clamp(max=theta).sum())
+
+
+def dimension_metrics(latent: torch.Tensor, zq: torch.Tensor, codebook: Optional[torch.Tensor], K: int) -> dict:
+    """The dimension columns from the eigenvalues of the latents e, of the decoder's inputs z_q and of the K code
+    vectors (None: no such metrics), and the water-filling bound at log2 K bits per latent vector."""
+    theta, wf_dim, wf_distortion = water_filling(latent, math.log2(K))
+    spectra = {"latent": latent, "zq": zq, **({"codebook": codebook} if codebook is not None else {})}
+    out = {}
+    for name, lam in spectra.items():
+        out.update({f"{name}_dim99": effective_dim(lam), f"{name}_pr": participation_ratio(lam)})
+    return {**out, "wf_dim": wf_dim, "wf_distortion": wf_distortion, "wf_theta": theta}
 
 
 def codebook_stats(counts: torch.Tensor) -> dict:
@@ -1229,7 +1343,7 @@ def set_seed(seed: int):
 
 
 def is_scalar(v) -> bool:
-    """A metric the loops average and log: a number or a 0-d tensor (code_indices and z_soft are neither)."""
+    """A metric the loops average and log: a number or a 0-d tensor (code_indices is neither)."""
     return isinstance(v, (int, float)) or (torch.is_tensor(v) and v.dim() == 0)
 
 
@@ -1437,11 +1551,14 @@ class Trainer:
         """The records' "phase" ("ae" / "vq"), in runs with a warm-up; a record without one is of the VQ model."""
         return {"phase": self.model.phase} if self.warmup_steps else {}
 
-    def write_final(self, metrics: dict):
-        """final_model.pt (the checkpoint format minus the optimizer), reconstructions.png, final_metrics.json."""
+    def write_final(self, metrics: dict, records: dict[str, dict]):
+        """final_model.pt (the checkpoint format minus the optimizer), reconstructions.png, the other `records`
+        ({file name: JSON-able dict}), final_metrics.json."""
         save_checkpoint(self, "final_model.pt", resumable=False)
         save_reconstructions(self.model, self.val_batches, self.run_dir / "reconstructions.png",
                              title=f"{self.cfg.name}: validation PSNR {metrics.get('psnr', math.nan):.2f} dB")
+        for name, record in records.items():
+            atomic_write(self.run_dir / name, lambda fh: fh.write(json.dumps(record, indent=2).encode()))
         # written last: sweeps take final_metrics.json as the sign of a finished run
         atomic_write(self.run_dir / "final_metrics.json", lambda fh: fh.write(json.dumps(metrics, indent=2).encode()))
         print(f"Training complete. Results in {self.run_dir}")
@@ -1464,65 +1581,118 @@ def validate(model: VQVAE, batches: Batches, autocast=None, scorer: Optional[per
     """Metrics over the WHOLE validation set, with the discrete (hard-code) model in eval mode; the model's
     train/eval mode is restored afterwards. recon_loss is the MSE of the raw output (the training objective);
     psnr that of the output clamped to the image range [-1, 1], on the [0, 1] scale, from the set's pooled MSE;
-    psnr_per_image the mean of each image's PSNR; ssim the mean SSIM (all of the clamped output); with a scorer,
-    lpips the mean LPIPS and (rfid) rfid the FID of all reconstructions against the real images. During an AE
-    warm-up (model.phase "ae") these scores are the continuous autoencoder's, named ae_psnr, ae_ssim, ... (AE_SCORES),
-    so that psnr always scores discrete codes; there are no codes to count then."""
+    psnr_per_image the mean of each image's PSNR; ssim the mean SSIM (all of the clamped output); <name>_psnr the
+    same as psnr for each of the quantizer's diagnostic_inputs; with a scorer, lpips the mean LPIPS and (rfid) rfid
+    the FID of all reconstructions against the real images. Over all latents: code usage and perplexity, and the
+    dimension columns of the latents e, of what the decoder receives (z_q) and of the code vectors
+    (dimension_metrics), with quant_distortion, the mean ||e - z_q||^2. During an AE warm-up (model.phase "ae") the
+    image scores are the continuous autoencoder's, named ae_psnr, ae_ssim, ... (AE_SCORES), so that psnr always
+    scores discrete codes; there are no codes to count then, and z_q is e."""
     was_training = model.training
     model.eval()
-    K = model.quantizer.K
-    counts = torch.zeros(K, device=batches.images.device)
-    sums: dict[str, torch.Tensor] = {}
+    q = model.quantizer
+    sums: dict[str, torch.Tensor] = {}  # image-weighted sums of every batch's means
+    counts = torch.zeros(q.K, device=batches.images.device)
+    moments = 0  # (2, D+1, D+1) moment matrices of e and z_q
     n_images = 0
     lpips_net = scorer.lpips_net if scorer else None
-    moments = scorer.feature_moments(batches.images.device) if rfid and scorer and scorer.fid_net else None
+    fid = scorer.feature_moments(batches.images.device) if rfid and scorer and scorer.fid_net else None
     for x in batches.epoch(0):
         # every rank runs every batch, even an empty slice of the ragged last one: quantizers may reduce over ranks
         with autocast or torch.autocast(x.device.type, enabled=False):
-            x_hat, recon_loss, quant_losses, metrics = model(x)
-            x_soft = model.decoder(metrics["z_soft"]).float() if "z_soft" in metrics else None
+            e = model.encoder(x)  # (B, D, 8, 8)
+            z_q, quant_losses, metrics = model.quantize(e)  # z_q: what the decoder receives
+            x_hat = model.decoder(z_q)  # (B, 3, 32, 32)
+            recon_loss = F.mse_loss(x_hat.float(), x.float())
+            with torch.autocast(x.device.type, enabled=False):  # float32, as the quantizer's forward
+                z_other = q.diagnostic_inputs(q._flatten(e)) if model.phase == "vq" else {}  # e.g. BA's soft mix
+            x_other = {name: model.decoder(q._unflatten(z, e)) for name, z in z_other.items()}  # (B, 3, 32, 32)
+        e, z_q = q._flatten(e), q._flatten(z_q)  # (N, D) float32
         terms = {"recon_loss": recon_loss, **quant_losses}
         terms["loss"] = sum(terms.values())
-        terms["clamped_mse"] = F.mse_loss(x_hat.float().clamp(-1, 1), x)
-        terms["psnr_per_image"] = psnr_per_image(x, x_hat).mean()
-        terms["ssim"] = ssim(x, x_hat).mean()
-        if x_soft is not None:
-            terms["soft_clamped_mse"] = F.mse_loss(x_soft.clamp(-1, 1), x)
+        terms.update(image_scores(x, x_hat))
+        terms.update({f"{name}_clamped_mse": clamped_mse(x, x_o) for name, x_o in x_other.items()})
+        terms["quant_distortion"] = quant_distortion(e, z_q)
         if lpips_net is not None:
             terms["lpips"] = perceptual.lpips_per_image(lpips_net, x, x_hat).mean()
-        if moments is not None and len(x):
-            moments.update(scorer.fid_net(x_hat))
-        # every scalar the quantizer reports, image-weighted; perplexity and usage are recomputed below from the
-        # whole set's histogram, and report() has the last word on its own keys
+        if fid is not None and len(x):
+            fid.update(scorer.fid_net(x_hat))
+        # every scalar the quantizer reports; perplexity and usage are recomputed below from the whole set's
+        # histogram, and report() has the last word on its own keys
         terms.update({k: v for k, v in metrics.items() if is_scalar(v)})
         for k, v in terms.items():  # image-weighted; an empty slice's means are NaN and add nothing
             v = as_scalar(v, x.device)
             sums[k] = sums.get(k, 0) + (v * len(x) if len(x) else torch.zeros((), device=x.device))
         if "code_indices" in metrics:  # not during an AE warm-up
-            counts += code_counts(metrics["code_indices"], K)
+            counts += code_counts(metrics["code_indices"], q.K)
+        moments = moments + torch.stack([moment_matrix(e), moment_matrix(z_q)])
         n_images += len(x)
     names = list(sums)
     totals = dist_sum_(torch.stack([*(sums[k] for k in names), counts.new_tensor(n_images, dtype=torch.float)]))
     dist_sum_(counts)
+    dist_sum_(moments)
     result = dict(zip(names, (totals[:-1] / totals[-1]).tolist()))
-    result["psnr"] = psnr_from_mse(result.pop("clamped_mse"))
-    if "soft_clamped_mse" in result:
-        result["soft_psnr"] = psnr_from_mse(result.pop("soft_clamped_mse"))
+    for k in [k for k in result if k.endswith("clamped_mse")]:  # clamped_mse -> psnr, soft_clamped_mse -> soft_psnr
+        result[k.replace("clamped_mse", "psnr")] = psnr_from_mse(result.pop(k))
     if model.phase == "vq":
         result.update({k: float(v) for k, v in codebook_stats(counts).items()})
         result["dead_codes"] = int(result["dead_codes"])
-    if moments is not None:
-        result["rfid"] = scorer.rfid(moments)
+    codebook = code_spectrum(q) if model.phase == "vq" else None
+    result.update(dimension_metrics(*map(spectrum, moments), codebook, q.K))
+    if fid is not None:
+        result["rfid"] = scorer.rfid(fid)
     if model.phase == "vq":
-        result.update(model.quantizer.report())
+        result.update(q.report())
     else:  # the continuous autoencoder's scores, under names of their own
         result = {f"ae_{k}" if k in AE_SCORES else k: v for k, v in result.items()}
     model.train(was_training)
     return result
 
 
+@torch.no_grad()
+def code_spectrum(q: "Quantizer") -> Optional[torch.Tensor]:
+    """Eigenvalues (D,) of the covariance of the quantizer's K code vectors, or None if it has none."""
+    C = q.code_vectors()
+    return None if C is None else spectrum(moment_matrix(C.float()))
+
+
+@torch.no_grad()
+def split_sums(model: VQVAE, batches: Batches, autocast=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Over every image of `batches` (in order, no augmentation), in eval mode so that a code depends on its image
+    alone, summed over ranks: the code counts (K,) and the moment matrices (2, D+1, D+1) of e and z_q."""
+    was_training = model.training
+    model.eval()
+    q = model.quantizer
+    counts, moments = torch.zeros(q.K, device=batches.images.device), 0
+    for x in batches.epoch(0):  # every rank runs every batch, as in validate
+        with autocast or torch.autocast(x.device.type, enabled=False):
+            e = model.encoder(x)
+            z_q, _, metrics = q(e)
+        counts += code_counts(metrics["code_indices"], q.K)
+        moments = moments + torch.stack([moment_matrix(q._flatten(e)), moment_matrix(q._flatten(z_q))])
+    model.train(was_training)
+    return dist_sum_(counts), dist_sum_(moments)
+
+
+def train_split_metrics(trainer: "Trainer") -> tuple[dict, dict]:
+    """The final model over the training split's latents: ({train_usage, train_perplexity}, for final_metrics.json;
+    the eigenvalues of e, z_q and the code vectors, for spectrum.json). At large K the test split has too few
+    latents to tell a code nobody uses from one its images happen to miss."""
+    images = trainer.train_batches.images
+    batches = Batches(images, trainer.cfg.batch_size, images.device, False, rank=trainer.rank, world=trainer.world)
+    counts, moments = split_sums(trainer.model, batches, trainer.autocast())
+    stats = codebook_stats(counts)
+    latent, zq = map(spectrum, moments)
+    codebook = code_spectrum(trainer.model.quantizer)
+    spectra = {"split": "train", "latents": int(moments[0, -1, -1]), "bits": math.log2(trainer.model.quantizer.K),
+               "latent_eigvals": latent.tolist(), "zq_eigvals": zq.tolist(),
+               "codebook_eigvals": None if codebook is None else codebook.tolist()}
+    return {"train_usage": float(stats["usage_rate"]), "train_perplexity": float(stats["perplexity"])}, spectra
+
+
 def train(cfg: Config) -> dict:
-    """Train one run end to end; returns the final validation metrics (also in final_metrics.json)."""
+    """Train one run end to end; returns the final metrics (final_metrics.json): the last validation's, and
+    train_usage and train_perplexity over the training split."""
     if cfg.resume and not cfg.name:
         raise UserError("--resume needs --name (the run to continue)")
     own_group = not (dist.is_available() and dist.is_initialized())
@@ -1533,6 +1703,7 @@ def train(cfg: Config) -> dict:
     # every check (run folder, checkpoint, data) passes before anything on disk is created or changed
     ckpt = check_run_dir(cfg, run_dir)
     trainer = Trainer(cfg, run_dir, device, rank, world)
+    provenance = run_provenance(device, trainer.amp_dtype, world) if rank == 0 else {}  # of the code that runs
     if ckpt is not None:
         restore_trainer(trainer, ckpt)
     if rank == 0:
@@ -1547,9 +1718,11 @@ def train(cfg: Config) -> dict:
             metrics = _train_loop(trainer, logger, stop)
     finally:
         logger.finish()
+    train_metrics, spectrum = train_split_metrics(trainer)  # every rank: it sums over them
+    metrics = {**metrics, **train_metrics}
     if rank == 0:
         with rank_local():  # rank 0 alone: its reconstruction forward must not wait for the other ranks
-            trainer.write_final(metrics)
+            trainer.write_final(metrics, {"spectrum.json": spectrum, "provenance.json": provenance})
     if world > 1 and own_group:
         # together: a rank that tore its group down while rank 0 still wrote the final files aborted at exit, now and
         # then ("terminate called without an active exception")
@@ -1801,3 +1974,12 @@ def write_config(cfg: Config, run_dir: Path):
     run_dir.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     atomic_write(run_dir / "config.yaml", lambda fh: fh.write(text.encode()))
+
+
+def run_provenance(device: torch.device, amp_dtype: Optional[torch.dtype], world: int) -> dict:
+    """What a run's records came from (provenance.json): the commit of the code and whether its tracked files
+    differed from it ("unknown" outside a git checkout), torch, the device, the nets' precision, the processes."""
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+    return {**plumbing.git_state(REPO_DIR), "torch": torch.__version__,
+            "device": plumbing.device_description(device), "precision": precision, "processes": world}
+

@@ -136,6 +136,11 @@ def test_torchrun_cli_matches_one_process(tmp_path):
     assert final_ddp.keys() == final_one.keys()
     for key, v in final_one.items():
         assert final_ddp[key] == pytest.approx(v, rel=1e-3, abs=1e-5), key
+    provenance = [json.loads((d / "provenance.json").read_text()) for d in (ddp, one)]
+    assert provenance[0] == {**provenance[1], "processes": 2}
+    spectra = [json.loads((d / "spectrum.json").read_text()) for d in (ddp, one)]  # over both ranks' latents
+    assert spectra[0]["latents"] == spectra[1]["latents"]
+    assert spectra[0]["latent_eigvals"] == pytest.approx(spectra[1]["latent_eigvals"], rel=1e-3, abs=1e-7)
     records = [read_jsonl(d / "metrics.jsonl") for d in (ddp, one)]
     assert [r["step"] for r in records[0]] == [r["step"] for r in records[1]]
     for a, b in zip(*records):  # loss terms are rank means, i.e. the global batch's

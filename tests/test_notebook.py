@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "analyze.ipynb"
 TINY = ["--dataset", "cifar10-sample", "--arch", "compact", "--codebook_size", "32", "--batch_size", "64",
         "--epochs", "2", "--no_wandb", "--log_every", "2", "--kmeans_iters", "2"]
-FIGURES = ["epoch_curves", "step_perplexity", "code_usage", "reconstructions", "psnr_vs_usage", "usage_vs_k",
-           "rate_distortion"]
+FIGURES = ["epoch_curves", "dimension_curves", "latent_spectrum", "step_perplexity", "code_usage", "reconstructions",
+           "psnr_vs_usage", "usage_vs_k", "rate_distortion"]
 
 
 def figure_cells(nb):

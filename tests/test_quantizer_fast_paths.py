@@ -14,12 +14,12 @@ import vqvae
 
 def test_chunk_rows_are_capped_by_each_devices_memory_budget():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
-    assert vqvae.chunk_rows(4096, 512, cpu) == min(4096, plumbing.CPU_CHUNK_ELEMENTS // 512)
-    assert vqvae.chunk_rows(4096, 65536, cpu) * 65536 <= plumbing.CPU_CHUNK_ELEMENTS
-    assert vqvae.chunk_rows(4096, 10 ** 9, cpu) == 1
-    assert vqvae.chunk_rows(4096, 512, cuda) == 4096  # K = 512: the asked rows, 8 MiB a block
+    assert plumbing.chunk_rows(4096, 512, cpu) == min(4096, plumbing.CPU_CHUNK_ELEMENTS // 512)
+    assert plumbing.chunk_rows(4096, 65536, cpu) * 65536 <= plumbing.CPU_CHUNK_ELEMENTS
+    assert plumbing.chunk_rows(4096, 10 ** 9, cpu) == 1
+    assert plumbing.chunk_rows(4096, 512, cuda) == 4096  # K = 512: the asked rows, 8 MiB a block
     # K = 65,536: 1,024 rows (256 MiB a block), not 4,096 (1 GiB): a BA step holds a few blocks at once
-    assert vqvae.chunk_rows(4096, 65536, cuda) == 1024 == plumbing.GPU_CHUNK_ELEMENTS // 65536
+    assert plumbing.chunk_rows(4096, 65536, cuda) == 1024 == plumbing.GPU_CHUNK_ELEMENTS // 65536
 
 
 @pytest.mark.parametrize("shape", [(5, 64), (7, 128), (33, 640), (3, 100), (4, 1)])
@@ -27,7 +27,7 @@ def test_row_argmax_is_max_with_the_first_index_on_ties(shape):
     g = torch.Generator().manual_seed(shape[1])
     x = torch.randint(0, 4, shape, generator=g).float()  # many ties: the first index must win
     x[0, :] = 2.0  # a row that is all ties
-    best, idx = vqvae.row_argmax(x)
+    best, idx = plumbing.row_argmax(x)
     want_best, want_idx = x.max(1)
     assert torch.equal(best, want_best) and torch.equal(idx, want_idx)
     assert idx[0] == 0
@@ -69,7 +69,7 @@ def test_small_cpu_blocks_change_nothing(monkeypatch):
     ref_idx = vqvae.nearest_code(e, C, 4096)
     ref = vqvae.ba_assign(e, C, log_Q0, 0.9, 2, 4096, want_sums=True)
     monkeypatch.setattr(plumbing, "CPU_CHUNK_ELEMENTS", 7 * 50)  # 7-row blocks
-    assert vqvae.chunk_rows(4096, 50, e.device) == 7
+    assert plumbing.chunk_rows(4096, 50, e.device) == 7
     assert torch.equal(vqvae.nearest_code(e, C, 4096), ref_idx)
     for a, b in zip(vqvae.ba_assign(e, C, log_Q0, 0.9, 2, 4096, want_sums=True), ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -113,7 +113,7 @@ def test_row_topk_equals_torch_topk(K, k):
     g = torch.Generator().manual_seed(K)
     x = torch.randn(37, K, generator=g)
     x[0, 5:40] = 7.0  # a row of ties at the top
-    v, i = vqvae.row_topk(x, k)
+    v, i = plumbing.row_topk(x, k)
     want_v, _ = x.topk(k, dim=1)
     assert torch.equal(v, want_v)
     assert torch.equal(x.gather(1, i), v)  # the indices point at those values

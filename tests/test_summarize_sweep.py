@@ -104,3 +104,21 @@ def test_group_order(sweep_csv, capsys):
     assert [r["method"] for r in table_rows(capsys.readouterr().out)] == by_psnr
     summarize_sweep.main([str(sweep_csv), "--order", "file"])
     assert [r["method"] for r in table_rows(capsys.readouterr().out)] == in_file
+
+
+def test_commit_and_train_usage_columns_come_from_the_csv(sweep_csv):
+    """results.csv's commit/dirty (from each run's provenance.json) and train_usage reach the table."""
+    with open(sweep_csv) as fh:
+        rows = list(csv.DictReader(fh))
+    commits = {"low_s1": ("a" * 40, "False"), "low_s2": ("b" * 40, "True"), "high_s1": ("c" * 40, "False"),
+               "high_s2": ("c" * 40, "False")}
+    with open(sweep_csv, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=[*rows[0], "commit", "dirty", "train_usage"])
+        writer.writeheader()
+        for r in rows:
+            commit, dirty = commits[r["experiment"]]
+            writer.writerow({**r, "commit": commit, "dirty": dirty, "train_usage": float(r["usage_rate"]) / 2})
+    table = {r["method"]: r for r in table_rows(summarize_sweep.summarize(str(sweep_csv)))}
+    assert table["low"]["commit"] == "aaaaaaa, bbbbbbb+dirty" and table["high"]["commit"] == "ccccccc"
+    assert table["low"]["train usage (%)"] == mean_std([50 * RUNS[n][3] for n in ("low_s1", "low_s2")], ".1f")
+    assert list(table["low"])[-2:] == ["s/step", "commit"]

@@ -1,5 +1,6 @@
 """Sweeps through the real CLI: run, skip finished experiments, resume an interrupted one, summarise."""
 import csv
+import json
 import os
 import re
 import subprocess
@@ -120,10 +121,16 @@ def test_table_only_rebuilds_the_table_from_the_runs_there_are_and_trains_nothin
         (sweep_dir / "vq" / name).unlink(missing_ok=True)
     import shutil
     shutil.rmtree(sweep_dir / "ba")  # an experiment never run
+    provenance = json.loads((sweep_dir / "vq" / "provenance.json").read_text())
+    assert provenance["commit"]  # the commit it ran at (or "unknown" outside a git checkout)
+    provenance.update(commit="0123456789abcdef", dirty=True)  # the table's commit comes from the record
+    (sweep_dir / "vq" / "provenance.json").write_text(json.dumps(provenance))
     stdout = run_sweep_cli(path, tmp_path, "--table_only")
     assert "starting" not in stdout and not (sweep_dir / "ba").exists()
     results = read_results(sweep_dir)
     assert results["vq"]["psnr"] and not results["ba"]["psnr"]  # the missing run is a row without metrics
+    vq, ba = results["vq"], results["ba"]
+    assert (vq["commit"], vq["dirty"], ba["commit"]) == ("0123456789abcdef", "True", "")
 
 
 def test_table_only_without_runs_says_where_it_looked(tmp_path):

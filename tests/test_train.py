@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -35,7 +36,7 @@ def ba_run(tmp_path_factory):
 
 def test_end_to_end_writes_every_file(ba_run):
     for name in ["final_model.pt", "final_metrics.json", "metrics.jsonl", "config.yaml", "checkpoint_epoch1.pt",
-                 "checkpoint_epoch2.pt", "last.pt", "reconstructions.png"]:
+                 "checkpoint_epoch2.pt", "last.pt", "reconstructions.png", "spectrum.json", "provenance.json"]:
         assert (ba_run / name).is_file(), name
     final = json.loads((ba_run / "final_metrics.json").read_text())
     for key in ["loss", "recon_loss", "psnr", "perplexity", "usage_rate", "dead_codes", "commitment_loss",
@@ -63,6 +64,42 @@ def test_validation_covers_whole_set_and_psnr_agrees(ba_run):
     final = json.loads((ba_run / "final_metrics.json").read_text())
     assert final["psnr"] == pytest.approx(10 * torch.log10(torch.tensor(1 / mse01)).item(), abs=1e-3)
     assert final["usage_rate"] == pytest.approx(idx.unique().numel() / 32)
+
+
+def test_train_usage_and_spectrum_are_over_the_training_split(ba_run):
+    """train_usage / train_perplexity and spectrum.json's eigenvalues, recomputed from the saved model over every
+    training image (eval mode, the run's batches)."""
+    model, state = vqvae.load_checkpoint(ba_run / "final_model.pt")
+    train_u8, _ = vqvae.load_cifar10(vqvae.make_config(state["config"]))
+    counts = runs.code_histogram(model, train_u8, batch=state["config"]["batch_size"])
+    final = json.loads((ba_run / "final_metrics.json").read_text())
+    assert final["train_usage"] == pytest.approx((counts > 0).float().mean().item())
+    p = counts[counts > 0].double() / counts.sum()
+    assert final["train_perplexity"] == pytest.approx((-(p * p.log()).sum()).exp().item(), rel=1e-5)
+    with torch.no_grad():
+        e = torch.cat([vqvae.Quantizer._flatten(model.encoder(x))
+                       for x in vqvae.Batches(train_u8, 64, "cpu", shuffle=False).epoch(0)])
+    spectrum = json.loads((ba_run / "spectrum.json").read_text())
+    lam = np.linalg.eigvalsh(np.cov(e.double().numpy(), rowvar=False))[::-1]
+    assert spectrum["split"] == "train" and spectrum["latents"] == len(e) == 64 * len(train_u8)
+    np.testing.assert_allclose(spectrum["latent_eigvals"], lam, rtol=1e-4, atol=1e-9 * lam[0])
+    assert len(spectrum["zq_eigvals"]) == len(spectrum["codebook_eigvals"]) == e.shape[1]
+
+
+def test_provenance_is_recorded_beside_a_config_that_still_loads(ba_run):
+    provenance = json.loads((ba_run / "provenance.json").read_text())
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    assert provenance["commit"] == (head.stdout.strip() if head.returncode == 0 else "unknown")
+    assert provenance["torch"] == torch.__version__ and provenance["device"] == "cpu"
+    assert provenance["precision"] == "fp32" and provenance["processes"] == 1
+    assert provenance["dirty"] in (True, False, None)
+    # config.yaml holds Config fields only: a resume reads it, and the records' loader tables it
+    vqvae.make_config(yaml.safe_load((ba_run / "config.yaml").read_text()))
+    assert runs.runs_table([runs.load_run(ba_run)])[0]["commit"] == runs.commit_label(provenance)
+
+
+def test_git_state_outside_a_checkout_is_unknown(tmp_path):
+    assert vqvae.plumbing.git_state(tmp_path) == {"commit": "unknown", "dirty": None}
 
 
 def test_load_checkpoint_round_trip(ba_run):

@@ -3,7 +3,13 @@
     python tools/summarize_sweep.py results/ba_vs_vq/results.csv
     python tools/summarize_sweep.py results/ba_vs_vq/results.csv --order file   # groups as they appear in the csv
 
-The last column, s/step, is read from each run's metrics.jsonl (<folder of results.csv>/<experiment>).
+Usage and perplexity are over the test split's latents, "train usage" and "train perplexity" over the training
+split's (the final model; more latents than codes at large K). The dimension columns (99 % effective dimension and
+participation ratio of the latents e, the decoder's inputs z_q and the code vectors; the water-filling dimension and
+distortion at log2 K bits against the quantizer's distortion) are over the test split. s/step is read from each run's
+metrics.jsonl (<folder of results.csv>/<experiment>); the last column, commit, lists the commits the group's runs
+trained at (results.csv's commit and dirty columns; "—" for runs from before they were recorded; no column when no
+run has one).
 """
 import argparse
 import csv
@@ -16,9 +22,16 @@ COLUMNS = [("psnr", "hard-code PSNR (dB)", 1, ".2f"), ("psnr_per_image", "per-im
            ("ssim", "SSIM", 1, ".3f"), ("lpips", "LPIPS", 1, ".4f"), ("rfid", "rFID", 1, ".1f"),
            ("soft_psnr", "soft PSNR (dB, diagnostic)", 1, ".2f"),
            ("usage_rate", "usage (%)", 100, ".1f"), ("perplexity", "perplexity", 1, ".1f"),
-           ("dead_codes", "dead codes", 1, ".0f"), ("max_p", "mean max p", 1, ".3f"),
-           ("mutual_info", "I (nats)", 1, ".2f")]
+           ("dead_codes", "dead codes", 1, ".0f"), ("train_usage", "train usage (%)", 100, ".1f"),
+           ("train_perplexity", "train perplexity", 1, ".1f"), ("max_p", "mean max p", 1, ".3f"),
+           ("mutual_info", "I (nats)", 1, ".2f"),
+           ("latent_dim99", "dim99 e", 1, ".1f"), ("latent_pr", "PR e", 1, ".2f"),
+           ("zq_dim99", "dim99 z_q", 1, ".1f"), ("zq_pr", "PR z_q", 1, ".2f"),
+           ("codebook_dim99", "dim99 codes", 1, ".1f"), ("codebook_pr", "PR codes", 1, ".2f"),
+           ("wf_dim", "d_WF", 1, ".1f"), ("wf_distortion", "WF distortion", 1, ".4f"),
+           ("quant_distortion", "quant. distortion", 1, ".4f")]
 STEP_TIME_HEADER, STEP_TIME_SPEC = "s/step", ".3f"
+COMMIT_HEADER = "commit"
 ORDERS = ("psnr", "file")
 
 
@@ -65,6 +78,17 @@ def step_time_cell(rows: list[dict], sweep_dir: Path) -> str:
     return fmt([t for t in times if t is not None], 1, STEP_TIME_SPEC)
 
 
+def commit_cell(rows: list[dict]) -> str:
+    """The distinct commits of the rows, short, '+dirty' where tracked files differed from the commit."""
+    labels = []
+    for r in rows:
+        commit = r.get("commit") or ""
+        if commit:
+            label = (commit[:7] if commit != "unknown" else commit) + ("+dirty" if r.get("dirty") == "True" else "")
+            labels.append(label)
+    return ", ".join(dict.fromkeys(labels)) or "—"
+
+
 def ordered_groups(rows: list[dict], order: str) -> list[tuple[str, list[dict]]]:
     """Rows grouped by key_change: best mean PSNR first, or (order="file") in order of first appearance."""
     groups: dict[str, list[dict]] = {}  # dicts keep insertion order, which is the file order
@@ -82,12 +106,13 @@ def summarize(path: str, order: str = "psnr") -> str:
         rows = [r for r in csv.DictReader(fh) if r.get("psnr")]
     sweep_dir = Path(path).parent
     columns = [c for c in COLUMNS if any(r.get(c[0]) not in (None, "") for r in rows)]  # none: a column of dashes
-    headers = [c[1] for c in columns] + [STEP_TIME_HEADER]
+    with_commit = any(r.get("commit") for r in rows)  # results.csv from before commits were recorded: no column
+    headers = [c[1] for c in columns] + [STEP_TIME_HEADER] + [COMMIT_HEADER] * with_commit
     lines = ["| method | seeds | " + " | ".join(headers) + " |", "|---" * (len(headers) + 2) + "|"]
     for name, rs in ordered_groups(rows, order):
         cells = [fmt([float(r[k]) for r in rs if r.get(k) not in (None, "")], scale, spec)
                  for k, _, scale, spec in columns]
-        cells.append(step_time_cell(rs, sweep_dir))
+        cells += [step_time_cell(rs, sweep_dir)] + [commit_cell(rs)] * with_commit
         lines.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
