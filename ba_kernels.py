@@ -92,6 +92,7 @@ class _BAAssign(torch.autograd.Function):
         log_N = log_total_rows(N, e.device)  # every rank's rows (a rank's slice of a ragged batch may be empty)
         e1 = with_ones(e)  # (N, D+1)
         H_sum, max_p_sum = e.new_zeros(()), e.new_zeros(())
+        pl = e.new_empty(N)  # (N,) sum_k p_nk l_nk of the last iteration
         # logits are shifted by their row max before anything reads them: they can sit at beta ||e||^2 / dbar ~ 1e3
         # from 0, where float32 keeps ~1e-4 of absolute precision, while p, log p and H(p) depend on differences
         for t in range(iters):
@@ -116,14 +117,15 @@ class _BAAssign(torch.autograd.Function):
                     idx[rows] = arg
                     if want_sums:
                         sums.addmm_(p.t(), e[rows])
-                    H_sum += (lse_c[rows] - row_dot(p, logits)).sum()  # H(p_n) = lse_n - sum_k p_nk l_nk
+                    pl[rows] = row_dot(p, logits)  # sum_k p_nk l_nk, which backward's usage-term adjoint needs
+                    H_sum += (lse_c[rows] - pl[rows]).sum()  # H(p_n) = lse_n - sum_k p_nk l_nk
                     max_p_sum += max_p.sum()
                 del logits, p  # before the next block's are made: LIVE_BLOCKS counts one block's
             log_colsum, under = _log_colsum(col, e1, W, top_all + lse_c, chunk)
             log_Qs.append(dist_logsumexp(log_colsum) - log_N)
             lse_cs.append(lse_c)
             unders.append(under)
-        ctx.save_for_backward(e, C, z, beta, *log_Qs, *lse_cs)
+        ctx.save_for_backward(e, C, z, beta, pl, *log_Qs, *lse_cs)
         ctx.saved_logits = saved if cache else None
         ctx.cfg = (iters, chunk, log_N, unders)
         counts = log_Qs[-1].exp() * N
@@ -134,7 +136,7 @@ class _BAAssign(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_z, g_logQ, _g_idx, _g_counts, _g_sums, g_H, _g_max_p):
-        e, C, z, beta, *logs = ctx.saved_tensors
+        e, C, z, beta, pl, *logs = ctx.saved_tensors
         iters, chunk, log_N, unders = ctx.cfg
         log_Qs, lse_cs = logs[:iters + 1], logs[iters + 1:]
         g_e = torch.zeros_like(e)
@@ -146,7 +148,7 @@ class _BAAssign(torch.autograd.Function):
                               ctx.saved_logits[t] if ctx.saved_logits is not None else None)
             last = t == iters - 1  # z = p_T C and H_p carry gradient to the last iteration only
             g_lq = it.backward(g_z if last else None, z, g_lq, g_e, g_C, want_prev=t > 0,
-                               g_H=g_H if last else None)  # None when H_p was not used
+                               g_H=g_H if last else None, pl=pl)  # g_H None when H_p was not used
             if t > 0:  # log Q_{t-1} is global too: its adjoint sums the column sums of every rank's rows
                 g_lq = dist_sum_(g_lq)
         return g_e, g_C, None, None, None, None, None, None, None
@@ -186,8 +188,9 @@ class _BAIteration:
     under: Optional[torch.Tensor]  # (n_under,) the columns whose Q_t underflowed in the forward, or None
     saved_logits: Optional[list[torch.Tensor]]  # this iteration's l - max l, block by block, when forward kept them
 
-    def backward(self, g_z, z, g_q, g_e, g_C, want_prev: bool, g_H=None) -> torch.Tensor:
-        """Adds this iteration's share to g_e (N, D) and g_C (K, D) in place; returns dL/dlog Q_{t-1} (K,)."""
+    def backward(self, g_z, z, g_q, g_e, g_C, want_prev: bool, g_H=None, pl=None) -> torch.Tensor:
+        """Adds this iteration's share to g_e (N, D) and g_C (K, D) in place; returns dL/dlog Q_{t-1} (K,). With
+        g_H, `pl` (N,) holds the forward's sum_k p_nk l_nk (the same bits this pass's p and logits would give)."""
         e, C, under = self.e, self.C, self.under
         W = _ba_logit_weights(C, (C * C).sum(1), self.log_Q_prev, self.beta)  # (K, D+1)
         e1 = with_ones(e)  # (N, D+1)
@@ -216,7 +219,7 @@ class _BAIteration:
                 arg = logits.index_select(1, under).sub_(self.lse_c[rows, None]).sub_(self.log_Q[under] + self.log_N)
                 a = g_q[under] * arg.clamp_(min=-87.0).exp_()  # (chunk, n_under) p_nk w_k
                 r += a.sum(1)
-            s_row = -r if h is None else row_dot(p, logits).mul_(h).sub_(r)  # (chunk,)
+            s_row = -r if h is None else pl[rows].mul(h).sub_(r)  # (chunk,)
             if g_z is not None:
                 left = torch.cat([g_z[rows], s_row[:, None], torch.ones_like(s_row)[:, None]], 1)
                 g_l = left @ right.t()  # (chunk, K) G + w + s
