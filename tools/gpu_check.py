@@ -13,7 +13,7 @@ under a fixed budget in seconds. The group gets SIGTERM 5 s before the budget en
 workers and test subprocesses included), and the next stage starts anyway. Budgets:
     data      10  tile the bundled CIFAR-10 sample (or --source, a CIFAR-10 folder) to full size in data/tiled:
                   50,850 train / 10,170 test images, the epoch of the first GPU figures (issue 23: the shared subset
-                  tiled 10 times, 199 steps at batch 256); kept for later calls
+                  tiled 10 times, 198 steps at batch 256); kept for later calls
     tests     80  tests/test_cuda.py and tests/test_devices.py: every quantizer in float32 on the GPU against
                   float64 on the CPU, bf16 training, resume bit for bit under --deterministic, the device errors
     epochs   170  the seed-004 config (config.yaml: residual, batch 256, bf16), 2 epochs each of vq_ema and ba_vq,
@@ -35,9 +35,9 @@ workers and test subprocesses included), and the next stage starts anyway. Budge
                   ---
              445  in all: within the 480 s (8 minutes) of one call, with 35 s for importing torch and the project
     suite    540  (--stage suite, a call of its own) python -m pytest tests
---quick runs every stage at tiny sizes (the bundled sample's first images tiled twice, compact nets, small K, one
-epoch, one thread; Dynamo without inductor's code generation, for vq_ema only) to check the plan itself: its speed
-and memory figures are not the targets' and are not judged.
+--quick runs every stage at tiny sizes (the bundled sample's first images tiled twice, compact nets without k-means,
+small K, one epoch, one thread; Dynamo without inductor's code generation, for vq_ema only) to check the plan itself:
+its speed and memory figures are not the targets' and are not judged.
 
 Output in --out: gpu_check.json (written after every stage, so a cut call keeps what it measured), gpu_check.md (one
 table: each goal, its target, the measured figure, pass/fail; also printed at the end), and each stage's stdout and
@@ -78,12 +78,12 @@ RESULT = "RESULT "  # a stage's result lines on stdout start with this
 FULL = {"tile": (None, None), "train_images": 50_850, "test_images": 10_170, "n": 16_384, "dim": 64,
         "small_k": 512, "large_k": 16_384, "huge_k": 65_536, "step_batch": 128, "step_steps": 3, "repeats": 3,
         "sweep_k": 512, "epochs": 2, "sync_steps": 3}
-QUICK = {"tile": (128, 32), "train_images": 256, "test_images": 64, "n": 512, "dim": 16, "small_k": 64,
+QUICK = {"tile": (64, 16), "train_images": 128, "test_images": 32, "n": 512, "dim": 16, "small_k": 64,
          "large_k": 256, "huge_k": 256, "step_batch": 8, "step_steps": 1, "repeats": 1, "sweep_k": 32, "epochs": 1,
          "sync_steps": 1}
-QUICK_NETS = {"arch": "compact", "latent_dim": 16, "codebook_size": 32, "batch_size": 64, "kmeans_iters": 2}
+QUICK_NETS = {"arch": "compact", "latent_dim": 16, "codebook_size": 32, "batch_size": 64, "kmeans_init": False}
 TESTS = {"tests": ["tests/test_cuda.py", "tests/test_devices.py"], "suite": ["tests"]}
-# quick: the CUDA module on the CPU (BAVQ_TEST_DEVICE=cpu), one case of it; the suite stands in by one small module
+# quick: one case of the CUDA module (on --device: BAVQ_TEST_DEVICE), and one small module for the suite
 QUICK_TESTS = {"tests": ["tests/test_cuda.py::test_quantizer_in_float32_on_the_device_matches_float64_on_the_cpu"
                          "[vq_ema]"], "suite": ["tests/test_metrics.py"]}
 # host syncs per step that remain by design, as tests/test_host_syncs.py pins them on the CPU
@@ -145,11 +145,13 @@ def wait_group(pid: int, budget: float):
     end. The group gets SIGKILL whenever the stage ends, too: what a finished stage left running (sweep workers)."""
     end = time.monotonic() + budget
     code = _wait(pid, end - KILL_GRACE_S)
-    if code is None:
+    reaped = code is not None
+    if not reaped:
         _signal_group(pid, signal.SIGTERM)
-        _wait(pid, end)
+        reaped = _wait(pid, end) is not None
     _signal_group(pid, signal.SIGKILL)
-    _wait(pid, time.monotonic() + 2)  # reap it, if stopped here
+    if not reaped:
+        _wait(pid, time.monotonic() + 2)
     return code
 
 
@@ -462,7 +464,8 @@ def stage_tests(args, paths: list[str]):
                 emit(tests={report.nodeid: report.outcome})
 
     if args.quick:
-        os.environ["BAVQ_TEST_DEVICE"] = "cpu"  # tests/test_cuda.py on the CPU, to check the stage itself
+        os.environ["BAVQ_TEST_DEVICE"] = args.device  # tests/test_cuda.py on the CPU too, to check the stage itself
+    os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"  # the suite uses no plugin; loading installed ones takes seconds
     code = pytest.main(["-q", "-p", "no:cacheprovider", *paths], plugins=[Report()])
     emit(pytest_exit=int(code))
 
@@ -788,7 +791,10 @@ def preload():
         import vector_quantize_pytorch  # noqa: F401  (the peer, where installed: seconds of imports)
     except ImportError:
         pass
+    import gc
+
     import torch
+    gc.freeze()  # what is imported stays: the stages' garbage collections need not walk it (nor copy its pages)
     return "CUDA started while importing: the stages' CUDA work will fail" if torch.cuda.is_initialized() else None
 
 
