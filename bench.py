@@ -20,6 +20,8 @@ Peak memory is the increase over what is held before the pass: torch.cuda.max_me
 the process's resident-set high-water mark (reset through /proc/self/clear_refs, with malloc's free memory
 handed back first, so the mark reflects this pass alone; Linux only).
 BA rows run at beta = --beta (default 100, the default schedule's end: the sharp assignments top-k is for).
+Floor rows (`floor: ...`): the GEMM, exp and softmax an exact BA pass cannot do without, and VQ-EMA's nearest
+code, at the same N, D, K and in the same blocks, so a BA row reads against its floor.
 Training rows: images/s of `Trainer.train_step` (the real step: forward, backward, AdamW) on the bundled CIFAR-10
 sample, for each arch x quantizer.
 Step rows: the same training step for the compact arch at batch 128 and K = --step_codebook_sizes, for vq_ema, exact
@@ -260,6 +262,45 @@ def _progress(row: dict):
     print(f"[bench] {what}: {result}", file=sys.stderr, flush=True)
 
 
+def floor_rows(grid: dict, device, args) -> list[dict]:
+    """The floor under an exact BA pass at each (D, K): over N rows, in the blocks BA's forward uses (`ba_plan`),
+    the (rows, D+1) x (D+1, K) GEMM of the logits, an exp and a softmax of the shifted logits (at beta = --beta,
+    latents and codes drawn as in the quantizer rows), and VQ-EMA's nearest code (GEMM and row argmax). BA's
+    training-mode pass costs at least GEMM + softmax (forward) and a GEMM and a softmax again when its backward
+    forms p once more; the quantizer rows put the measured pass beside these."""
+    from ba_kernels import ba_plan
+    from plumbing import nearest_code, with_ones
+    rows, N = [], grid["n"]
+    for D in grid["dims"]:
+        for K in grid["codebook_sizes"]:
+            g = torch.Generator().manual_seed(2)
+            e, C = torch.randn(N, D, generator=g).to(device), torch.randn(K, D, generator=g).to(device)
+            d_typical = 2.0 * D  # E ||e - c||^2 for independent unit Gaussians: beta relative to it, as BA's
+            beta = args.beta / d_typical
+            W = torch.cat([2 * beta * C, (-beta * (C * C).sum(1))[:, None]], 1)  # (K, D+1)
+            block, _ = ba_plan(N, K, 1, args.chunk_size, device, 4, vqvae.Config.ba_memory_mib << 20, True)
+            e1 = with_ones(e)
+
+            def blocks(op):
+                def run():
+                    for s in range(0, N, block):
+                        op(e1[s:s + block])
+                return run
+            shifted = lambda x: (lambda l: l.sub_(l.amax(1, keepdim=True)))(x @ W.t())  # noqa: E731
+            ops = {"gemm": blocks(lambda x: x @ W.t()), "gemm+exp": blocks(lambda x: shifted(x).exp_()),
+                   "gemm+softmax": blocks(lambda x: torch.softmax(shifted(x), 1)),
+                   "nearest_code": lambda: nearest_code(e, C, args.chunk_size)}
+            for name, run in ops.items():
+                run()
+                times = time_passes(run, device, args.repeats)
+                row = {"impl": f"floor: {name}", "N": N, "D": D, "K": K, "ba_iters": None, "block_rows": block,
+                       "ms": 1e3 * statistics.median(times), "ms_all": [round(1e3 * t, 2) for t in times],
+                       "repeats": args.repeats, "peak_mib": None}
+                _progress(row)
+                rows.append(row)
+    return rows
+
+
 # ################################################################################################################
 # Training throughput
 # ################################################################################################################
@@ -432,7 +473,7 @@ def markdown(result: dict, command: str) -> str:
               "pass that runs the k-means init); peak memory = increase over what was held before the pass.", "",
               "| impl | N | D | K | ba_iters | fwd+bwd ms | passes | peak mem increase MiB | note |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in result["quantizers"]:
+    for r in result["quantizers"] + result.get("floor", []):
         ms = f"{r['ms']:.1f}" if r.get("ms") else "-"
         peak = f"{r['peak_mib']:.0f}" if r.get("peak_mib") is not None else "-"
         lines.append(f"| {r['impl']} | {r['N']} | {r['D']} | {r['K']} | {r['ba_iters'] or ''} | {ms} | "
@@ -503,6 +544,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dense_max_gib", type=float, default=10.0,
                    help="skip ba_direct and vqp where their (N, K) matrices would need more than this")
     p.add_argument("--no_train", action="store_true", help="skip the training-throughput rows")
+    p.add_argument("--no_floor", action="store_true", help="skip the floor rows (GEMM, exp, softmax, nearest code)")
     p.add_argument("--no_steps", action="store_true", help="skip the alternating training-step rows")
     p.add_argument("--step_codebook_sizes", type=int, nargs="+", default=None, help="K of the step rows")
     p.add_argument("--beta", type=float, default=100.0, help="BA's beta (relative units) in every BA row")
@@ -530,6 +572,7 @@ def main(argv=None) -> dict:
               "topk": args.topk}
     ticks = cpu_ticks()
     result["quantizers"] = quantizer_rows(grid, device, args)
+    result["floor"] = [] if args.no_floor else floor_rows(grid, device, args)
     result["training"] = [] if args.no_train else training_rows(grid, device, args)
     result["steps"] = [] if args.no_steps else step_rows(grid, device, args)
     result["meta"].update(contention(ticks))

@@ -29,7 +29,7 @@ def quick(tmp_path_factory):
 
 def test_quick_json_has_every_case_with_positive_times(quick):
     result, _ = quick
-    assert {"meta", "grid", "target_sizes", "quantizers", "training", "steps", "targets"} <= set(result)
+    assert {"meta", "grid", "target_sizes", "quantizers", "floor", "training", "steps", "targets"} <= set(result)
     meta = result["meta"]
     assert meta["torch"] and meta["device"] == "cpu" and meta["logical_cores"] >= 1 and meta["cpu"]
     impls = {"vq_ema", "ba", "ba_topk", "ba_direct"} | ({"vqp"} if meta["vector_quantize_pytorch"] else set())
@@ -42,6 +42,11 @@ def test_quick_json_has_every_case_with_positive_times(quick):
         assert r["ms"] > 0 and len(r["ms_all"]) == r["repeats"] == 1, r
         assert r["N"] == grid["n"] and r["D"] == grid["dims"][0]
         assert r["peak_mib"] is None or r["peak_mib"] >= 0
+    floor = result["floor"]  # the GEMM, exp, softmax and nearest code under each (D, K)
+    assert {(r["impl"], r["D"], r["K"]) for r in floor} == {
+        (f"floor: {op}", D, K) for op in ("gemm", "gemm+exp", "gemm+softmax", "nearest_code")
+        for D in grid["dims"] for K in grid["codebook_sizes"]}
+    assert all(r["ms"] > 0 and 1 <= r["block_rows"] <= grid["n"] for r in floor)
     train = result["training"]
     # every quantizer vqvae.py and baselines.py register (not those other test modules register in this process)
     registered = [q for q, cls in vqvae.QUANTIZERS.items() if cls.__module__ in ("vqvae", "baselines")]
