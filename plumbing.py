@@ -1,25 +1,35 @@
-"""The plumbing of vqvae.py, kept apart from the method: collectives across data-parallel ranks (every one a no-op in
-a single process), fast tensor kernels (CPU-aware chunking, tiled nearest code, row argmax and top-k, scatter sums),
-crash-safe file writes and the code's git state, and the one place metrics are written (metrics.jsonl and W&B).
+"""The plumbing of vqvae.py, kept apart from the method: devices, processes and stop signals, collectives across
+data-parallel ranks (every one a no-op in a single process), fast tensor kernels (CPU-aware chunking, tiled nearest
+code, row argmax and top-k, scatter sums), configs (YAML files, dataclass fields checked and extended, modules
+imported by name or path), crash-safe file writes, the code's provenance, image figures and the CIFAR-10 download,
+and the one place metrics are written (metrics.jsonl and W&B).
 Imports nothing of the project. Its import does one thing: it puts the cuBLAS workspace setting that --deterministic
 needs in force before any CUDA work (see set_deterministic).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib
+import importlib.util
 import inspect
 import json
 import math
 import os
+import shutil
+import signal
 import subprocess
+import sys
 import tempfile
+import typing
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import yaml
 
 
 class UserError(Exception):
@@ -146,6 +156,28 @@ class LatestOnHost:
                 event.synchronize()
                 self._value, self._pending = float(host), None
         return self._value
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints, and exits 130/143."""
+
+    def __init__(self):
+        self.requested, self.signum, self._old = False, None, {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. a notebook worker): signals stay as they are
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested, self.signum = True, signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def dist_rank_world() -> tuple[int, int]:
@@ -368,7 +400,112 @@ def row_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ################################################################################################################
-# Files (a crash never leaves a partial file)
+# Configs and modules (YAML files, dataclass fields checked and extended, imports by name or path)
+# ################################################################################################################
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"malformed YAML in {path}{where}: {getattr(err, 'problem', err)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def check_field_types(obj) -> None:
+    """Each field of the dataclass instance `obj` against its annotation (None, bool, int, float, str, Literal, and
+    unions of them), as read from YAML or flags: a UserError names the field and what it takes. An int where a float
+    is asked for becomes that float, and so does a string YAML 1.1 left unparsed (1e-4, without a dot)."""
+    hints = typing.get_type_hints(type(obj))
+    for name, hint in hints.items():
+        value = getattr(obj, name)
+        allowed = [a for a in typing.get_args(hint)] if typing.get_origin(hint) in (typing.Union,) else [hint]
+        if typing.get_origin(hint) is Literal:
+            if value not in typing.get_args(hint):
+                raise UserError(f"{name} must be one of {', '.join(map(str, typing.get_args(hint)))}, got {value!r}")
+            continue
+        if float in allowed and isinstance(value, str):
+            try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+                value = float(value)
+                setattr(obj, name, value)
+            except ValueError:
+                pass
+        ok = any((a is type(None) and value is None)
+                 or (a is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+                 or (a is int and isinstance(value, int) and not isinstance(value, bool))
+                 or (a in (str, bool) and isinstance(value, a)) for a in allowed)
+        if not ok:
+            want = " or ".join("null" if a is type(None) else a.__name__ for a in allowed)
+            raise UserError(f"{name} must be {want}, got {value!r}")
+        if float in allowed and isinstance(value, int):
+            setattr(obj, name, float(value))
+
+
+def extend_dataclass(cls: type, new: dict[str, dataclasses.Field], hints: dict) -> None:
+    """The dataclass `cls` rebuilt in place with the `new` fields after its own (their types in `hints`), so every
+    module that imported the class sees them."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for name in ("__init__", "__repr__", "__eq__", "__hash__", "__match_args__"):  # dataclass() keeps what exists
+        if name in cls.__dict__:
+            delattr(cls, name)
+    cls.__annotations__.update({name: hints[name] for name in new})
+    for name, f in {**known, **new}.items():  # dataclass() reads each field's declaration from the class
+        setattr(cls, name, f)
+    dataclasses.dataclass(cls)
+
+
+_IMPORTED: set[str] = set()  # the entries of `imports` done in this process
+
+
+def import_modules(imports: str) -> None:
+    """Import each module of a comma-separated list, a module name or a .py file relative to the working
+    directory, so the quantizers and options it registers are known (once per entry and process)."""
+    if not isinstance(imports, str):
+        raise UserError(f"imports must be a comma-separated str of modules, got {imports!r}")
+    for item in [s.strip() for s in imports.split(",") if s.strip() and s.strip() not in _IMPORTED]:
+        if item.endswith(".py"):
+            _import_file(Path(item))
+        else:
+            sys.path.insert(0, str(Path.cwd()))  # a module name, found from the working directory first
+            try:
+                importlib.import_module(item)
+            except ModuleNotFoundError as err:
+                if err.name not in (item, item.split(".")[0]):  # a module the user's module imports
+                    raise
+                raise UserError(f"imports: no module {item} (nor {item}.py in {Path.cwd()})") from None
+            finally:
+                sys.path.remove(str(Path.cwd()))
+        _IMPORTED.add(item)
+
+
+def _import_file(path: Path):
+    """The .py file as the module named by its stem (where dataclasses and pickle look it up)."""
+    if not path.is_file():
+        raise UserError(f"imports: no file {path} (relative to {Path.cwd()})")
+    loaded = sys.modules.get(path.stem)
+    if loaded is not None:
+        if Path(getattr(loaded, "__file__", None) or "").resolve() != path.resolve():
+            raise UserError(f"imports: {path}: a module named {path.stem} is imported already; rename the file")
+        return
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    sys.modules[path.stem] = module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[path.stem]
+        raise
+
+
+# ################################################################################################################
+# Files (a crash never leaves a partial file), provenance, figures, the download
 # ################################################################################################################
 
 def atomic_write(path: Path, write) -> Path:
@@ -403,6 +540,54 @@ def git_state(folder: Path) -> dict:
     if head is None or head.returncode != 0:
         return {"commit": "unknown", "dirty": None}
     return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
+
+
+def provenance(repo: Path, device: torch.device, amp_dtype: Optional[torch.dtype], processes: int) -> dict:
+    """What a run's records came from (provenance.json): the commit of the code in `repo` and whether its tracked
+    files differed from it ("unknown" outside a git checkout), torch, the device, the nets' precision, the processes."""
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+    return {**git_state(repo), "torch": torch.__version__, "device": device_description(device),
+            "precision": precision, "processes": processes}
+
+
+def download_cifar10(data_dir: Path) -> Path:
+    """torchvision's download into data_dir. On failure, every folder it created is removed again (a failed run
+    leaves nothing behind) and the message says what was looked for."""
+    import torchvision
+    created = [p for p in [data_dir, *data_dir.parents] if not p.exists()]
+    present = set(data_dir.iterdir()) if data_dir.is_dir() else set()
+    try:
+        torchvision.datasets.CIFAR10(str(data_dir), train=True, download=True)
+    except Exception as err:  # no network, proxy, disk: all end the same way for the user
+        if created:
+            shutil.rmtree(created[-1], ignore_errors=True)  # the outermost folder this call created
+        else:  # data_dir existed: only what the download added goes
+            for path in set(data_dir.iterdir()) - present:
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        raise UserError(f"no CIFAR-10 batches in {data_dir} and downloading them failed ({type(err).__name__}); "
+                        f"point --data_dir at a folder holding cifar-10-batches-py, or use --dataset cifar10-sample"
+                        ) from None
+    return data_dir / "cifar-10-batches-py"
+
+
+def save_image_rows(rows: list[tuple[torch.Tensor, str]], path: Path, title: str = ""):
+    """A PNG of image rows, each (images (n, 3, H, W) in [-1, 1], its label), one image per column."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    n = max(len(images) for images, _ in rows)
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.25 * n + 0.9, 1.5 * len(rows)), squeeze=False)
+    for row, (images, label) in enumerate(rows):
+        for ax, img in zip(axes[row], images):
+            ax.imshow((img * 0.5 + 0.5).permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
+        for ax in axes[row]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[row][0].set_ylabel(label, fontsize=10)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _umask() -> int:

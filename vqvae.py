@@ -2,9 +2,10 @@
 
 One research module, read top to bottom in its banner sections: Config (and the options quantizers register) ->
 Data -> Encoder / Decoder -> Quantizers (the contract and registry, VQ-EMA, Blahut-Arimoto) -> Model -> Metrics ->
-Train / Validate (the trainer, validation, the run, stopping on a signal) -> Checkpoint I/O (the checkpoint written,
+Train / Validate (the trainer, validation, the run and how it stops) -> Checkpoint I/O (the checkpoint written,
 read and resumed from; the run folder). Around it: `ba_kernels.py` (the blocked BA pass and its backward, below
-the method), `plumbing.py` (devices and processes, collectives, fast kernels, file writes, the metrics log),
+the method), `plumbing.py` (devices, processes and signals, collectives, fast kernels, YAML and dataclass checks, imports by
+name or path, file writes and figures, the CIFAR-10 download, the metrics log),
 `baselines.py` (SimVQ, FSQ, Wasserstein VQ, CVQ, registered through the quantizer
 contract with their options), `examples/my_quantizer.py` (a user's quantizer in one file), `train.py` (a thin CLI
 over `train(cfg)`), `runs.py` (finished runs for analyze.ipynb and the sweeps). Nothing runs at import time.
@@ -23,8 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
-import importlib.util
 import itertools
 import json
 import math
@@ -32,7 +31,6 @@ import pickle
 import random
 import shutil
 import signal
-import sys
 import time
 import typing
 from dataclasses import dataclass, field
@@ -49,9 +47,10 @@ import yaml
 import perceptual
 import plumbing
 from ba_kernels import BAResult, ba_assign, ba_assign_topk, topk_dropped_mass
-from plumbing import (Logger, UserError, atomic_write, autocast_dtype, broadcast, compile_model, ddp_device, ddp_wrap,
-                      dist_rank_world, dist_sum_, gather_rows, nearest_code, pick_device, random_rows, rank_local,
-                      scatter_sum, set_deterministic, with_ones, world_size)
+from plumbing import (Logger, StopFlag, UserError, atomic_write, autocast_dtype, broadcast, check_field_types,
+                      compile_model, ddp_device, ddp_wrap, dist_rank_world, dist_sum_, download_cifar10,
+                      extend_dataclass, gather_rows, import_modules, nearest_code, pick_device, random_rows,
+                      rank_local, read_yaml, save_image_rows, scatter_sum, set_deterministic, with_ones, world_size)
 
 REPO_DIR = Path(__file__).resolve().parent
 SAMPLE_PATH = REPO_DIR / "assets" / "cifar10_sample.npz"
@@ -158,7 +157,7 @@ class Config:
         self.check()
 
     def check(self):
-        _check_types(self)
+        check_field_types(self)
         if self.quantizer not in QUANTIZERS:
             near = difflib.get_close_matches(self.quantizer, QUANTIZERS, n=1)
             raise UserError(f"quantizer must be one of {', '.join(sorted(QUANTIZERS))}, got {self.quantizer!r}"
@@ -229,87 +228,7 @@ def add_options(quantizer: str, params: type) -> None:
                 hints[f.name], f.default):
             raise TypeError(f"{params.__qualname__}.{f.name}: already a Config field, declared otherwise")
     if new:
-        _extend_config(new, hints)
-
-
-def _extend_config(new: dict[str, dataclasses.Field], hints: dict):
-    """Config rebuilt in place with the new fields after its own (their types in `hints`)."""
-    known = config_fields()
-    for name in ("__init__", "__repr__", "__eq__", "__hash__", "__match_args__"):  # dataclass() keeps what exists
-        if name in Config.__dict__:
-            delattr(Config, name)
-    Config.__annotations__.update({name: hints[name] for name in new})
-    for name, f in {**known, **new}.items():  # dataclass() reads each field's declaration from the class
-        setattr(Config, name, f)
-    dataclass(Config)
-
-
-_IMPORTED: set[str] = set()  # the entries of `imports` done in this process
-
-
-def import_modules(imports: str) -> None:
-    """Import each module of a comma-separated list, a module name or a .py file relative to the working
-    directory, so the quantizers and options it registers are known (once per entry and process)."""
-    if not isinstance(imports, str):
-        raise UserError(f"imports must be a comma-separated str of modules, got {imports!r}")
-    for item in [s.strip() for s in imports.split(",") if s.strip() and s.strip() not in _IMPORTED]:
-        if item.endswith(".py"):
-            _import_file(Path(item))
-        else:
-            sys.path.insert(0, str(Path.cwd()))  # a module name, found from the working directory first
-            try:
-                importlib.import_module(item)
-            except ModuleNotFoundError as err:
-                if err.name not in (item, item.split(".")[0]):  # a module the user's module imports
-                    raise
-                raise UserError(f"imports: no module {item} (nor {item}.py in {Path.cwd()})") from None
-            finally:
-                sys.path.remove(str(Path.cwd()))
-        _IMPORTED.add(item)
-
-
-def _import_file(path: Path):
-    """The .py file as the module named by its stem (where dataclasses and pickle look it up)."""
-    if not path.is_file():
-        raise UserError(f"imports: no file {path} (relative to {Path.cwd()})")
-    loaded = sys.modules.get(path.stem)
-    if loaded is not None:
-        if Path(getattr(loaded, "__file__", None) or "").resolve() != path.resolve():
-            raise UserError(f"imports: {path}: a module named {path.stem} is imported already; rename the file")
-        return
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    sys.modules[path.stem] = module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[path.stem]
-        raise
-
-
-def _check_types(cfg: Config):
-    hints = typing.get_type_hints(Config)
-    for name, hint in hints.items():
-        value = getattr(cfg, name)
-        allowed = [a for a in typing.get_args(hint)] if typing.get_origin(hint) in (typing.Union,) else [hint]
-        if typing.get_origin(hint) is Literal:
-            if value not in typing.get_args(hint):
-                raise UserError(f"{name} must be one of {', '.join(map(str, typing.get_args(hint)))}, got {value!r}")
-            continue
-        if float in allowed and isinstance(value, str):
-            try:  # YAML 1.1 reads 1e-4 (no dot) as a string
-                value = float(value)
-                setattr(cfg, name, value)
-            except ValueError:
-                pass
-        ok = any((a is type(None) and value is None)
-                 or (a is float and isinstance(value, (int, float)) and not isinstance(value, bool))
-                 or (a is int and isinstance(value, int) and not isinstance(value, bool))
-                 or (a in (str, bool) and isinstance(value, a)) for a in allowed)
-        if not ok:
-            want = " or ".join("null" if a is type(None) else a.__name__ for a in allowed)
-            raise UserError(f"{name} must be {want}, got {value!r}")
-        if float in allowed and isinstance(value, int):
-            setattr(cfg, name, float(value))
+        extend_dataclass(Config, new, hints)
 
 
 def make_config(overrides: dict) -> Config:
@@ -322,23 +241,6 @@ def make_config(overrides: dict) -> Config:
             near = difflib.get_close_matches(key, known, n=1)
             raise UserError(f"unknown config key '{key}'" + (f" (did you mean '{near[0]}'?)" if near else ""))
     return Config(**overrides)
-
-
-def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"malformed YAML in {path}{where}: {getattr(err, 'problem', err)}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
-    return data
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -405,29 +307,9 @@ def load_cifar10(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     if folder is None:
         if data_dir.is_dir() and any(data_dir.iterdir()) and not (data_dir / "cifar-10-python.tar.gz").exists():
             raise UserError(f"{data_dir} exists but holds no CIFAR-10 batches (expected cifar-10-batches-py)")
-        folder = _download_cifar10(data_dir)
+        folder = download_cifar10(data_dir)
     train, test = read_cifar_pickles(folder)
     return torch.from_numpy(train), torch.from_numpy(test)
-
-
-def _download_cifar10(data_dir: Path) -> Path:
-    """torchvision's download into data_dir. On failure, every folder it created is removed again (a failed run
-    leaves nothing behind) and the message says what was looked for."""
-    import torchvision
-    created = [p for p in [data_dir, *data_dir.parents] if not p.exists()]
-    present = set(data_dir.iterdir()) if data_dir.is_dir() else set()
-    try:
-        torchvision.datasets.CIFAR10(str(data_dir), train=True, download=True)
-    except Exception as err:  # no network, proxy, disk: all end the same way for the user
-        if created:
-            shutil.rmtree(created[-1], ignore_errors=True)  # the outermost folder this call created
-        else:  # data_dir existed: only what the download added goes
-            for path in set(data_dir.iterdir()) - present:
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        raise UserError(f"no CIFAR-10 batches in {data_dir} and downloading them failed ({type(err).__name__}); "
-                        f"point --data_dir at a folder holding cifar-10-batches-py, or use --dataset cifar10-sample"
-                        ) from None
-    return data_dir / "cifar-10-batches-py"
 
 
 class Batches:
@@ -1703,7 +1585,7 @@ def train(cfg: Config) -> dict:
     # every check (run folder, checkpoint, data) passes before anything on disk is created or changed
     ckpt = check_run_dir(cfg, run_dir)
     trainer = Trainer(cfg, run_dir, device, rank, world)
-    provenance = run_provenance(device, trainer.amp_dtype, world) if rank == 0 else {}  # of the code that runs
+    provenance = plumbing.provenance(REPO_DIR, device, trainer.amp_dtype, world) if rank == 0 else {}  # of the code that runs
     if ckpt is not None:
         restore_trainer(trainer, ckpt)
     if rank == 0:
@@ -1754,25 +1636,12 @@ def _train_loop(trainer: Trainer, logger: "Logger", stop: "StopFlag") -> dict:
 @torch.no_grad()
 def save_reconstructions(model: VQVAE, batches: Batches, path: Path, n: int = 8, title: str = ""):
     """The first n validation images (top row, "input") over the model's reconstructions (bottom row)."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
     was_training = model.training
     model.eval()
     x = next(iter(batches.epoch(0)))[:n]
     x_hat = model(x)[0].float().clamp(-1, 1)
     model.train(was_training)
-    fig, axes = plt.subplots(2, len(x), figsize=(1.25 * len(x) + 0.9, 3.0), squeeze=False)
-    for row, (images, label) in enumerate([(x, "input"), (x_hat, "reconstruction")]):
-        for ax, img in zip(axes[row], images):
-            ax.imshow((img * 0.5 + 0.5).permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[row][0].set_ylabel(label, fontsize=10)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_image_rows([(x, "input"), (x_hat, "reconstruction")], path, title)
 
 
 def _name_run(cfg: Config) -> Config:
@@ -1798,30 +1667,6 @@ def _print_header(cfg: Config, trainer: Trainer, device, rank: int):
           f"{trainer.total_steps} steps, a record every {trainer.log_every}"
           + (f" | AE warm-up: {trainer.warmup_steps} steps" if trainer.warmup_steps else "")
           + (f" | resuming at step {trainer.step}" if trainer.step else ""))
-
-
-# -- stopping on a signal -----------------------------------------------------------------------------------------
-
-class StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints, and exits 130/143."""
-
-    def __init__(self):
-        self.requested, self.signum, self._old = False, None, {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. a notebook worker): signals stay as they are
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested, self.signum = True, signum
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 class Interrupted(Exception):
@@ -1974,12 +1819,4 @@ def write_config(cfg: Config, run_dir: Path):
     run_dir.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     atomic_write(run_dir / "config.yaml", lambda fh: fh.write(text.encode()))
-
-
-def run_provenance(device: torch.device, amp_dtype: Optional[torch.dtype], world: int) -> dict:
-    """What a run's records came from (provenance.json): the commit of the code and whether its tracked files
-    differed from it ("unknown" outside a git checkout), torch, the device, the nets' precision, the processes."""
-    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
-    return {**plumbing.git_state(REPO_DIR), "torch": torch.__version__,
-            "device": plumbing.device_description(device), "precision": precision, "processes": world}
 
