@@ -36,6 +36,7 @@ import ctypes
 import datetime
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -268,7 +269,7 @@ def floor_rows(grid: dict, device, args) -> list[dict]:
     latents and codes drawn as in the quantizer rows), and VQ-EMA's nearest code (GEMM and row argmax). BA's
     training-mode pass costs at least GEMM + softmax (forward) and a GEMM and a softmax again when its backward
     forms p once more; the quantizer rows put the measured pass beside these."""
-    from ba_kernels import ba_plan
+    from ba_kernels import _ba_logit_weights, ba_plan
     from plumbing import nearest_code, with_ones
     rows, N = [], grid["n"]
     for D in grid["dims"]:
@@ -277,7 +278,8 @@ def floor_rows(grid: dict, device, args) -> list[dict]:
             e, C = torch.randn(N, D, generator=g).to(device), torch.randn(K, D, generator=g).to(device)
             d_typical = 2.0 * D  # E ||e - c||^2 for independent unit Gaussians: beta relative to it, as BA's
             beta = args.beta / d_typical
-            W = torch.cat([2 * beta * C, (-beta * (C * C).sum(1))[:, None]], 1)  # (K, D+1)
+            log_Q = torch.full((K,), -math.log(K), device=device)  # a uniform prior, as the first E-step's
+            W = _ba_logit_weights(C, (C * C).sum(1), log_Q, torch.tensor(beta, device=device))  # (K, D+1)
             block, _ = ba_plan(N, K, 1, args.chunk_size, device, 4, vqvae.Config.ba_memory_mib << 20, True)
             e1 = with_ones(e)
 
@@ -286,7 +288,9 @@ def floor_rows(grid: dict, device, args) -> list[dict]:
                     for s in range(0, N, block):
                         op(e1[s:s + block])
                 return run
-            shifted = lambda x: (lambda l: l.sub_(l.amax(1, keepdim=True)))(x @ W.t())  # noqa: E731
+            def shifted(x):  # the block's logits less their row max, as BA's forward forms them
+                logits = x @ W.t()
+                return logits.sub_(logits.amax(1, keepdim=True))
             ops = {"gemm": blocks(lambda x: x @ W.t()), "gemm+exp": blocks(lambda x: shifted(x).exp_()),
                    "gemm+softmax": blocks(lambda x: torch.softmax(shifted(x), 1)),
                    "nearest_code": lambda: nearest_code(e, C, args.chunk_size)}
