@@ -69,8 +69,8 @@ def quantizer_keys(name: str) -> Optional[set[str]]:
 
 
 def method_label(config: dict) -> str:
-    """A run's method for plots and tables: its quantizer, plus '+ rotation' and '+ restarts' where they apply
-    (restarts only for quantizers that read dead_code_threshold and do not fix it, as ba_seed does)."""
+    """A run's method for plots and tables: its quantizer, plus '+ rotation', '+ restarts' and '+ AE warm-up' where
+    they apply (restarts only for quantizers that read dead_code_threshold and do not fix it, as ba_seed does)."""
     q = config.get("quantizer", "?")
     parts = [q]
     if config.get("estimator") == "rotation":
@@ -80,6 +80,8 @@ def method_label(config: dict) -> str:
     threshold = forced.get("dead_code_threshold", config.get("dead_code_threshold", 0))
     if "dead_code_threshold" in (quantizer_keys(q) or ()) and threshold and threshold > 0:
         parts.append("restarts")
+    if config.get("ae_warmup_steps") or config.get("ae_warmup_frac"):
+        parts.append("AE warm-up")
     return " + ".join(parts)
 
 
@@ -118,6 +120,38 @@ def commit_label(provenance: Optional[dict]) -> Optional[str]:
         return None
     commit = provenance.get("commit") or "unknown"
     return (commit[:7] if commit != "unknown" else commit) + ("+dirty" if provenance.get("dirty") else "")
+
+
+def ranks(x) -> np.ndarray:
+    """1-based ranks of x, ties sharing the mean of the ranks they span (as scipy.stats.rankdata's 'average')."""
+    x = np.asarray(x, dtype=float)
+    order = np.argsort(x, kind="stable")
+    r = np.empty(len(x))
+    r[order] = np.arange(1, len(x) + 1)
+    for v in np.unique(x):
+        tied = x == v
+        r[tied] = r[tied].mean()
+    return r
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation: Pearson's r of the ranks. NaN when either side is constant."""
+    rx, ry = ranks(x) - (len(x) + 1) / 2, ranks(y) - (len(y) + 1) / 2
+    denom = math.sqrt(float((rx ** 2).sum() * (ry ** 2).sum()))
+    return float((rx * ry).sum() / denom) if denom else math.nan
+
+
+def spearman_test(x, y, permutations: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """(rho, two-sided permutation p-value): the share of random pairings of x with y whose |rho| reaches the
+    observed one, counting the observed pairing (so p >= 1 / (permutations + 1)). It assumes no distribution of
+    the metrics, which suits the few runs (often tied, often skewed) that a study has."""
+    rho = spearman(x, y)
+    if math.isnan(rho):
+        return rho, math.nan
+    rng = np.random.default_rng(seed)
+    y = np.asarray(y, dtype=float)
+    hits = sum(abs(spearman(x, rng.permutation(y))) >= abs(rho) - 1e-12 for _ in range(permutations))
+    return rho, (hits + 1) / (permutations + 1)
 
 
 CURVE_METRICS = ("psnr", "perplexity", "usage_rate", "latent_dim99", "zq_dim99", "codebook_dim99", "wf_dim")

@@ -165,6 +165,41 @@ def test_method_labels_name_the_remedies_that_apply():
         "vq_ema + rotation + restarts"
     assert runs.method_label({"quantizer": "ba_seed", "dead_code_threshold": 1.0}) == "ba_seed"  # never restarts
     assert runs.method_label({"quantizer": "fsq", "dead_code_threshold": 1.0}) == "fsq"  # no codebook to restart
+    assert runs.method_label({"quantizer": "fsq", "ae_warmup_frac": 0.25}) == "fsq + AE warm-up"
+    assert runs.method_label({"quantizer": "vq_ema", "dead_code_threshold": 1.0, "ae_warmup_steps": 100,
+                              "ae_warmup_frac": 0.0}) == "vq_ema + restarts + AE warm-up"
+    assert runs.method_label({"quantizer": "vq_ema", "ae_warmup_steps": 0, "ae_warmup_frac": 0.0}) == "vq_ema"
+
+
+# -- rank correlation ---------------------------------------------------------------------------------------------
+
+def test_ranks_and_spearman_agree_with_scipy_on_ties():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 6, size=25).astype(float)  # many ties, as dimension counts have
+    y = x + rng.normal(0, 2, size=25)
+    np.testing.assert_array_equal(runs.ranks(x), stats.rankdata(x))
+    assert runs.spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+    assert runs.spearman(x, -y) == pytest.approx(-runs.spearman(x, y), abs=1e-12)
+    assert math.isnan(runs.spearman(np.ones(5), np.arange(5.0)))
+
+
+def test_spearman_of_a_monotone_map_is_one_whatever_the_scale():
+    x = np.array([3.0, 1.0, 4.0, 1.5, 9.0, 2.6])
+    assert runs.spearman(x, np.exp(x)) == pytest.approx(1.0)
+    assert runs.spearman(x, -x ** 3) == pytest.approx(-1.0)
+
+
+def test_spearman_permutation_p_agrees_with_the_t_approximation_at_moderate_n():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=30)
+    y = 0.4 * x + rng.normal(size=30)
+    rho, p = runs.spearman_test(x, y, permutations=4000)
+    assert rho == pytest.approx(stats.spearmanr(x, y).statistic)
+    assert p == pytest.approx(stats.spearmanr(x, y).pvalue, abs=0.02)
+    _, p_perfect = runs.spearman_test(np.arange(8.0), np.arange(8.0) ** 2, permutations=999)
+    assert p_perfect == pytest.approx(1 / 1000)  # 2 of 8! pairings reach |rho| = 1; seed 0 draws neither
 
 
 def test_by_method_and_k_groups_seeds_and_uses_the_k_a_quantizer_reports():
