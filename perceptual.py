@@ -1,7 +1,8 @@
-"""rFID and LPIPS: feature networks, their weights, reference statistics.
+"""Image scores beyond PSNR: SSIM, and rFID and LPIPS with their feature networks, weights and reference statistics.
 
-Two perceptual scores of reconstructions x_hat against their images x (both (B, 3, H, W) in [-1, 1]):
+Three scores of reconstructions x_hat against their images x (both (B, 3, H, W) in [-1, 1]):
 
+- SSIM (Wang et al. 2004), as scikit-image computes it (`ssim`); a function of the two images alone.
 - rFID (reconstruction FID; FID of Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule Converge to a
   Local Nash Equilibrium"): the Fréchet distance between Gaussian fits of the Inception-v3 pool features (2048)
   of the real test images and of their reconstructions. The network is the standard FID Inception (the TF
@@ -32,6 +33,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from plumbing import atomic_write, dist_sum_
 
@@ -40,6 +42,38 @@ FID_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # of default_1.pt (fid_he
 LPIPS_FILE = "lpips_alex_v0.1.pt"  # state dict of `LPIPS` below
 TORCH_FIDELITY_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's download, in torch hub's cache
 GET_WEIGHTS = "python tools/get_metric_weights.py"
+
+
+def _gaussian_window(size: int, sigma: float, device) -> torch.Tensor:
+    t = torch.arange(size, dtype=torch.float32, device=device) - (size - 1) / 2
+    g = torch.exp(-t.square() / (2 * sigma ** 2))
+    return g / g.sum()
+
+
+def ssim(x: torch.Tensor, x_hat: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """SSIM of each image (B,) on the [0, 1] scale (Wang et al. 2004): Gaussian window 11, sigma 1.5, K1 0.01,
+    K2 0.03, population (co)variances, the mean over channels and over the positions where the window fits
+    (scikit-image's structural_similarity with gaussian_weights=True, use_sample_covariance=False, data_range=1).
+    Inputs in [-1, 1] (B, C, H, W); the output is clamped to that range first, as displayed.
+
+        SSIM = (2 mu_x mu_y + C1)(2 s_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(s_x^2 + s_y^2 + C2)),  C_i = (K_i * 1)^2
+    """
+    a = (x.float() + 1) / 2
+    b = (x_hat.float().clamp(-1, 1) + 1) / 2
+    C = a.shape[1]
+    g = _gaussian_window(window, sigma, a.device)
+    kernel = (g[:, None] * g[None, :]).expand(C, 1, window, window)
+
+    def blur(t):  # per-channel weighted mean over each window position, no padding
+        return F.conv2d(t, kernel, groups=C)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a.square()
+    var_b = blur(b * b) - mu_b.square()
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = (2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a.square() + mu_b.square() + c1) * (var_a + var_b + c2))
+    return s.flatten(1).mean(1)
 
 
 def cache_dir() -> Path:

@@ -20,6 +20,7 @@ import difflib
 import sys
 import typing
 
+import checkpoint
 import vqvae
 from vqvae import Config, UserError
 
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     except vqvae.NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except vqvae.Interrupted as err:
+    except checkpoint.Interrupted as err:
         print(str(err), file=sys.stderr)
         return err.exit_code
     return 0

@@ -1,14 +1,14 @@
 """BA-VQ: VQ-VAEs on CIFAR-10 with interchangeable quantizers, for studying codebook utilization.
 
 One research module, read top to bottom in its banner sections: Config (and the options quantizers register) ->
-Data -> Encoder / Decoder -> Quantizers (the contract and registry, VQ-EMA, Blahut-Arimoto) -> Model -> Metrics ->
-Train / Validate (the trainer, validation, the run and how it stops) -> Checkpoint I/O (the checkpoint written,
-read and resumed from; the run folder). Around it: `ba_kernels.py` (the blocked BA pass and its backward, below
-the method), `plumbing.py` (devices, processes and signals, collectives, fast kernels, YAML and dataclass checks, imports by
-name or path, file writes and figures, the CIFAR-10 download, the metrics log),
-`baselines.py` (SimVQ, FSQ, Wasserstein VQ, CVQ, registered through the quantizer
-contract with their options), `examples/my_quantizer.py` (a user's quantizer in one file), `train.py` (a thin CLI
-over `train(cfg)`), `runs.py` (finished runs for analyze.ipynb and the sweeps). Nothing runs at import time.
+Data -> Encoder / Decoder -> Quantizers (the contract and registry, VQ-EMA, Blahut-Arimoto) -> Model (and
+load_checkpoint) -> Metrics -> Train / Validate (the trainer, validation, the run and how it stops). Around it:
+`ba_kernels.py` (the blocked BA pass and its backward, below the method), `checkpoint.py` (the checkpoint written,
+read and resumed from; the run folder), `perceptual.py` (rFID, LPIPS), `plumbing.py` (devices, processes and
+signals, collectives, fast kernels, YAML and dataclass checks, imports by name or path, file writes and figures, the
+CIFAR-10 download, the metrics log), `baselines.py` (SimVQ, FSQ, Wasserstein VQ, CVQ, registered through the
+quantizer contract with their options), `examples/my_quantizer.py` (a user's quantizer in one file), `train.py` (a
+thin CLI over `train(cfg)`), `runs.py` (finished runs for analyze.ipynb and the sweeps). Nothing runs at import time.
 
 Papers:
 - VQ-VAE, EMA codebook: van den Oord et al. 2017, "Neural Discrete Representation Learning" (arXiv:1711.00937).
@@ -29,8 +29,6 @@ import json
 import math
 import pickle
 import random
-import shutil
-import signal
 import time
 import typing
 from dataclasses import dataclass, field
@@ -42,8 +40,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 
+import checkpoint
 import perceptual
 import plumbing
 from ba_kernels import BAResult, ba_assign, ba_assign_topk, topk_dropped_mass
@@ -257,12 +255,6 @@ def resolve_config(config_file: Optional[str], flags: dict) -> Config:
         if saved_path.exists():
             cfg = make_config({**read_yaml(saved_path), **values})
     return cfg
-
-
-# Fields that may differ when a run is resumed: they change neither the model nor its training trajectory's state.
-RESUMABLE_CHANGES = {"epochs", "log_every", "checkpoint_every", "wandb", "wandb_project", "resume", "overwrite",
-                     "device", "data_dir", "out_dir", "compile", "deterministic", "rfid", "rfid_every", "lpips",
-                     "imports"}
 
 
 # ################################################################################################################
@@ -1022,6 +1014,15 @@ class VQVAE(nn.Module):
         return self(x)[0]
 
 
+def load_checkpoint(path: str | Path, device="cpu") -> tuple[VQVAE, dict]:
+    """Rebuild the model from a checkpoint alone (final_model.pt, last.pt or checkpoint_epoch{N}.pt)."""
+    state = checkpoint.read_checkpoint(path)
+    model = VQVAE(make_config(state["config"]))
+    model.load_state_dict(state["model"])
+    model.phase = state.get("phase", "vq")  # a checkpoint from an AE warm-up is the autoencoder
+    return model.to(device).eval(), state
+
+
 # ################################################################################################################
 # Metrics (pure functions of tensors)
 # ################################################################################################################
@@ -1052,42 +1053,10 @@ def psnr_per_image(x: torch.Tensor, x_hat: torch.Tensor, data_range: float = 2.0
     return 10.0 * torch.log10(data_range ** 2 / mse.clamp_min(1e-10 * data_range ** 2))
 
 
-def _gaussian_window(size: int, sigma: float, device) -> torch.Tensor:
-    t = torch.arange(size, dtype=torch.float32, device=device) - (size - 1) / 2
-    g = torch.exp(-t.square() / (2 * sigma ** 2))
-    return g / g.sum()
-
-
-def ssim(x: torch.Tensor, x_hat: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """SSIM of each image (B,) on the [0, 1] scale (Wang et al. 2004): Gaussian window 11, sigma 1.5, K1 0.01,
-    K2 0.03, population (co)variances, the mean over channels and over the positions where the window fits
-    (scikit-image's structural_similarity with gaussian_weights=True, use_sample_covariance=False, data_range=1).
-    Inputs in [-1, 1] (B, C, H, W); the output is clamped to that range first, as displayed.
-
-        SSIM = (2 mu_x mu_y + C1)(2 s_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(s_x^2 + s_y^2 + C2)),  C_i = (K_i * 1)^2
-    """
-    a = (x.float() + 1) / 2
-    b = (x_hat.float().clamp(-1, 1) + 1) / 2
-    C = a.shape[1]
-    g = _gaussian_window(window, sigma, a.device)
-    kernel = (g[:, None] * g[None, :]).expand(C, 1, window, window)
-
-    def blur(t):  # per-channel weighted mean over each window position, no padding
-        return F.conv2d(t, kernel, groups=C)
-
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a.square()
-    var_b = blur(b * b) - mu_b.square()
-    cov = blur(a * b) - mu_a * mu_b
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    s = (2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a.square() + mu_b.square() + c1) * (var_a + var_b + c2))
-    return s.flatten(1).mean(1)
-
-
 def image_scores(x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, torch.Tensor]:
     """A batch's means that validation pools over the set: clamped_mse (-> psnr), psnr_per_image and ssim."""
     return {"clamped_mse": clamped_mse(x, x_hat), "psnr_per_image": psnr_per_image(x, x_hat).mean(),
-            "ssim": ssim(x, x_hat).mean()}
+            "ssim": perceptual.ssim(x, x_hat).mean()}
 
 
 def quant_distortion(e: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
@@ -1403,8 +1372,8 @@ class Trainer:
             print(epoch_line(self.epoch, self.cfg.epochs, train_means, val, report, seconds))
             # last.pt after the periodic file: a run killed in between redoes the epoch and writes both
             if self.epoch % self.cfg.checkpoint_every == 0:
-                save_checkpoint(self, f"checkpoint_epoch{self.epoch}.pt")
-            save_checkpoint(self, "last.pt")
+                checkpoint.save_checkpoint(self, f"checkpoint_epoch{self.epoch}.pt")
+            checkpoint.save_checkpoint(self, "last.pt")
         return val
 
     def stop_agreed(self, stop: "StopFlag", anytime: bool = False) -> bool:
@@ -1436,7 +1405,7 @@ class Trainer:
     def write_final(self, metrics: dict, records: dict[str, dict]):
         """final_model.pt (the checkpoint format minus the optimizer), reconstructions.png, the other `records`
         ({file name: JSON-able dict}), final_metrics.json."""
-        save_checkpoint(self, "final_model.pt", resumable=False)
+        checkpoint.save_checkpoint(self, "final_model.pt", resumable=False)
         save_reconstructions(self.model, self.val_batches, self.run_dir / "reconstructions.png",
                              title=f"{self.cfg.name}: validation PSNR {metrics.get('psnr', math.nan):.2f} dB")
         for name, record in records.items():
@@ -1583,13 +1552,14 @@ def train(cfg: Config) -> dict:
     cfg = _name_run(cfg)
     run_dir = Path(cfg.out_dir) / cfg.name
     # every check (run folder, checkpoint, data) passes before anything on disk is created or changed
-    ckpt = check_run_dir(cfg, run_dir)
+    ckpt = checkpoint.check_run_dir(cfg, run_dir)
     trainer = Trainer(cfg, run_dir, device, rank, world)
-    provenance = plumbing.provenance(REPO_DIR, device, trainer.amp_dtype, world) if rank == 0 else {}  # of the code that runs
+    # of the code that runs
+    provenance = plumbing.provenance(REPO_DIR, device, trainer.amp_dtype, world) if rank == 0 else {}
     if ckpt is not None:
-        restore_trainer(trainer, ckpt)
+        checkpoint.restore_trainer(trainer, ckpt)
     if rank == 0:
-        prepare_run_dir(cfg, run_dir, resume=ckpt is not None)
+        checkpoint.prepare_run_dir(cfg, run_dir, resume=ckpt is not None)
     wandb = {"project": cfg.wandb_project, "name": cfg.name, "config": config_to_dict(cfg)} if cfg.wandb else None
     logger = Logger(run_dir, enabled=rank == 0, wandb=wandb)
     if ckpt is not None:
@@ -1624,11 +1594,11 @@ def _train_loop(trainer: Trainer, logger: "Logger", stop: "StopFlag") -> dict:
             trainer.check_finite()
             if not finished:
                 if trainer.rank == 0:
-                    save_checkpoint(trainer, "last.pt")
-                raise Interrupted(stop.signum, trainer)
+                    checkpoint.save_checkpoint(trainer, "last.pt")
+                raise checkpoint.Interrupted(stop.signum, trainer)
             trainer.end_epoch(logger, t0)
             if trainer.stop_agreed(stop, anytime=True):  # signalled during validation: last.pt was just written
-                raise Interrupted(stop.signum, trainer)
+                raise checkpoint.Interrupted(stop.signum, trainer)
     # a run resumed after its last epoch (killed before the final files) reports that epoch's metrics
     return trainer.val_metrics or {}
 
@@ -1667,156 +1637,3 @@ def _print_header(cfg: Config, trainer: Trainer, device, rank: int):
           f"{trainer.total_steps} steps, a record every {trainer.log_every}"
           + (f" | AE warm-up: {trainer.warmup_steps} steps" if trainer.warmup_steps else "")
           + (f" | resuming at step {trainer.step}" if trainer.step else ""))
-
-
-class Interrupted(Exception):
-    """Raised after a stop signal once last.pt holds the state; the CLI exits 128 + signum (130 / 143)."""
-
-    def __init__(self, signum: Optional[int], trainer: "Trainer"):
-        cfg = trainer.cfg
-        signum = signum or signal.SIGTERM  # a rank that stops because another rank was signalled
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {trainer.step}; checkpoint "
-                         f"{trainer.run_dir / 'last.pt'} written; continue with --resume --name {cfg.name} "
-                         f"--out_dir {cfg.out_dir}")
-        self.exit_code = 128 + signum
-
-
-# ################################################################################################################
-# Checkpoint I/O
-# ################################################################################################################
-
-CHECKPOINT_FORMAT = 2  # 2: final_model.pt shares last.pt's format (minus optimizer); the schedule anchor is saved
-
-
-def trainer_state(trainer: Trainer, resumable: bool = True) -> dict:
-    """One self-describing dict: config, model and metrics; with `resumable`, also everything needed to continue
-    bit-exactly (optimizer, step counters, schedule, RNG states)."""
-    state = {"format": CHECKPOINT_FORMAT, "config": config_to_dict(trainer.cfg), "model": trainer.model.state_dict(),
-             "step": trainer.step, "epoch": trainer.epoch, "val_metrics": trainer.val_metrics,
-             "phase": trainer.model.phase}  # "ae" during an AE warm-up (a function of step; for readers)
-    if resumable:
-        state.update({
-            "optimizer": trainer.optimizer.state_dict(), "scaler": trainer.scaler.state_dict(),
-            "step_in_epoch": trainer.step_in_epoch, "epoch_sums": trainer.epoch_sums,
-            "epoch_counts": trainer.epoch_counts,
-            "schedule": {"anchor": trainer.schedule_anchor, "total_steps": trainer.total_steps,
-                         "ae_warmup_steps": trainer.warmup_steps},
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}})
-    return state
-
-
-def save_checkpoint(trainer: Trainer, filename: str, resumable: bool = True) -> Path:
-    """trainer_state into the run folder, atomically (last.pt, checkpoint_epoch{N}.pt, final_model.pt)."""
-    state = trainer_state(trainer, resumable)
-    return atomic_write(trainer.run_dir / filename, lambda fh: torch.save(state, fh))
-
-
-def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # truncated zip, not a torch file, unpickling error...
-        raise UserError(f"corrupt or truncated checkpoint {path}: {type(err).__name__}") from None
-    if not isinstance(state, dict) or "config" not in state or "model" not in state:
-        raise UserError(f"{path} is not a BA-VQ checkpoint (no config/model)")
-    fmt = state.get("format", 1)  # format 1 files carry no number
-    if not (isinstance(fmt, int) and 1 <= fmt <= CHECKPOINT_FORMAT):
-        raise UserError(f"{path} has checkpoint format {fmt!r}; this version reads formats 1 to {CHECKPOINT_FORMAT}")
-    import_modules(state["config"].get("imports", Config.imports))  # the quantizer may be registered there
-    cls = QUANTIZERS.get(state["config"].get("quantizer"))
-    if cls is not None:  # an unregistered name fails in make_config, with the list of registered ones
-        state["config"] = cls.upgrade_config(dict(state["config"]))
-    return state
-
-
-def load_checkpoint(path: str | Path, device="cpu") -> tuple[VQVAE, dict]:
-    """Rebuild the model from a checkpoint alone (final_model.pt, last.pt or checkpoint_epoch{N}.pt)."""
-    state = read_checkpoint(path)
-    model = VQVAE(make_config(state["config"]))
-    model.load_state_dict(state["model"])
-    model.phase = state.get("phase", "vq")  # a checkpoint from an AE warm-up is the autoencoder
-    return model.to(device).eval(), state
-
-
-def restore_trainer(trainer: Trainer, state: dict):
-    """Continue from a resumable state (last.pt): the inverse of trainer_state."""
-    trainer.model.load_state_dict(state["model"])
-    try:
-        trainer.optimizer.load_state_dict(state["optimizer"])
-    except ValueError as err:  # e.g. a quantizer that has since gained an optimizer group or a parameter
-        raise UserError(f"--resume: the checkpoint's optimizer does not fit this model ({err}); it was written "
-                        f"by a version of {trainer.cfg.quantizer} that trained other parameters") from None
-    trainer.scaler.load_state_dict(state["scaler"])
-    trainer.step, trainer.epoch, trainer.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-    trainer.epoch_sums = {k: v.to(trainer.device) for k, v in state["epoch_sums"].items()}
-    trainer.epoch_counts = dict(state.get("epoch_counts", {}))  # older files: every key at every step
-    trainer.val_metrics = state.get("val_metrics")
-    schedule = state.get("schedule", {"anchor": (0, 0.0), "total_steps": trainer.total_steps})
-    # the warm-up stays where the run put it (ae_warmup_frac of the total at its start); older files had none
-    trainer.warmup_steps = schedule.get("ae_warmup_steps", 0)
-    trainer._check_warmup()
-    trainer.model.phase = trainer.phase_after(trainer.step)
-    trainer.schedule_anchor = tuple(schedule["anchor"])
-    # resumed with other epochs, once the schedule has started: continue from where it stood
-    if schedule["total_steps"] != trainer.total_steps and trainer.step > trainer.schedule_anchor[0]:
-        trainer.schedule_anchor = (trainer.step, schedule_progress(trainer.step, trainer.schedule_anchor,
-                                                                   schedule["total_steps"]))
-    rng = state["rng"]
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-RESUME_KEYS = ("config", "model", "optimizer", "scaler", "step", "epoch", "step_in_epoch", "epoch_sums", "rng")
-
-
-def check_run_dir(cfg: Config, run_dir: Path) -> Optional[dict]:
-    """Every check on the run folder, writing nothing. Returns the checkpoint to resume from (resume) or None.
-    Refuses an existing run unless resume or overwrite is asked for."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"run folder {run_dir} is a file")
-    last = run_dir / "last.pt"
-    if cfg.resume:
-        if not last.exists():
-            raise UserError(f"--resume: no checkpoint at {last}")
-        state = read_checkpoint(last)
-        missing = [k for k in RESUME_KEYS if k not in state]
-        if missing:
-            raise UserError(f"--resume: {last} is not a resumable checkpoint (it has no {', '.join(missing)})")
-        check_resume_config(make_config(state["config"]), cfg)
-        return state
-    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.overwrite:
-        raise UserError(f"run folder {run_dir} exists; pass --resume to continue it or --overwrite to replace it")
-    return None
-
-
-def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool):
-    """Create the run folder (replacing it under overwrite) or reopen it to resume; write config.yaml.
-    Called once check_run_dir and the data have passed."""
-    if resume:
-        for tmp in run_dir.glob(".*.tmp"):  # left by an atomic write that a kill cut short
-            tmp.unlink()
-    elif cfg.overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
-    write_config(cfg, run_dir)
-
-
-def check_resume_config(saved: Config, given: Config):
-    for name in config_fields():
-        if name in RESUMABLE_CHANGES:
-            continue
-        if getattr(saved, name) != getattr(given, name):
-            raise UserError(f"--resume: '{name}' differs from the run's config ({getattr(saved, name)!r} there, "
-                            f"{getattr(given, name)!r} given); it changes the model or its training")
-
-
-def write_config(cfg: Config, run_dir: Path):
-    run_dir.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    atomic_write(run_dir / "config.yaml", lambda fh: fh.write(text.encode()))
-

@@ -14,6 +14,7 @@ import yaml
 import runs
 import sweep
 import train as train_cli
+import checkpoint
 import vqvae
 from helpers import as_if_killed_after_epoch_1
 
@@ -72,7 +73,7 @@ def test_registered_quantizer_trains_logs_and_resumes(tmp_path):
     final = json.loads((run_dir / "final_metrics.json").read_text())
     assert final["shrink_loss"] > 0 and final["shrink_weight"] == pytest.approx(0.01)  # report() at the end
     model, state = vqvae.load_checkpoint(run_dir / "final_model.pt")
-    assert type(model.quantizer) is ShrinkVQ and "optimizer" not in state and state["format"] == vqvae.CHECKPOINT_FORMAT
+    assert type(model.quantizer) is ShrinkVQ and "optimizer" not in state and state["format"] == checkpoint.CHECKPOINT_FORMAT
     assert state["config"]["shrink_max"] == 0.01 and yaml.safe_load((run_dir / "config.yaml").read_text())[
         "shrink_max"] == 0.01  # the option is saved with the run
     rows = sweep.collect_results([("toy", tiny_cfg(tmp_path, name="straight"))])

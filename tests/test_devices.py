@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import train as train_cli
 import vqvae
 
@@ -90,7 +91,7 @@ def test_deterministic_sets_its_switches_and_leaves_a_cpu_run_unchanged(tmp_path
         if not had_workspace:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
     assert exact == plain  # CPU fp32 is exact either way: the mode only matters on CUDA
-    assert "deterministic" in vqvae.RESUMABLE_CHANGES  # a run may be continued with or without it
+    assert "deterministic" in checkpoint.RESUMABLE_CHANGES  # a run may be continued with or without it
 
 
 def test_importing_the_project_puts_the_cublas_setting_in_force_before_any_gemm():

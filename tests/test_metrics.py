@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import perceptual
 import vqvae
 
 skimage_metrics = pytest.importorskip("skimage.metrics")
@@ -21,7 +22,7 @@ def _pair(seed=0, B=6, noise=0.3):
 
 def test_ssim_matches_scikit_image():
     x, x_hat = _pair()
-    ours = vqvae.ssim(x, x_hat)
+    ours = perceptual.ssim(x, x_hat)
     a = ((x + 1) / 2).double().numpy()
     b = ((x_hat.clamp(-1, 1) + 1) / 2).double().numpy()
     ref = [skimage_metrics.structural_similarity(a[i], b[i], channel_axis=0, data_range=1.0, gaussian_weights=True,
@@ -32,8 +33,8 @@ def test_ssim_matches_scikit_image():
 
 def test_ssim_of_an_image_with_itself_is_one_and_falls_with_noise():
     x, x_hat = _pair()
-    np.testing.assert_allclose(vqvae.ssim(x, x).numpy(), 1.0, atol=1e-5)
-    s = vqvae.ssim(x, x_hat)
+    np.testing.assert_allclose(perceptual.ssim(x, x).numpy(), 1.0, atol=1e-5)
+    s = perceptual.ssim(x, x_hat)
     assert (s[1:] < s[:-1]).all()  # noise grows along the batch
 
 
@@ -56,7 +57,7 @@ def test_validation_reports_ssim_and_per_image_psnr_of_the_hard_code_model():
     result = vqvae.validate(model, batches)
     x = torch.cat(list(batches.epoch(0)))
     x_hat = model.eval().reconstruct(x)
-    assert result["ssim"] == pytest.approx(vqvae.ssim(x, x_hat).mean().item(), abs=1e-5)
+    assert result["ssim"] == pytest.approx(perceptual.ssim(x, x_hat).mean().item(), abs=1e-5)
     assert result["psnr_per_image"] == pytest.approx(vqvae.psnr_per_image(x, x_hat).mean().item(), abs=1e-4)
     assert math.isfinite(result["psnr"]) and result["psnr_per_image"] >= result["psnr"] - 1e-6
 

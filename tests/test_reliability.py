@@ -25,6 +25,7 @@ import torch
 import train
 import runs
 import plumbing
+import checkpoint
 import vqvae
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,7 +229,7 @@ def test_checkpoint_restores_every_rng_state(data_dir, tmp_path):
                              "device": "cpu", "wandb": False})
     trainer = vqvae.Trainer(cfg, tmp_path, torch.device("cpu"))
     trainer.step, trainer.epoch, trainer.step_in_epoch = 11, 1, 3
-    vqvae.save_checkpoint(trainer, "last.pt")
+    checkpoint.save_checkpoint(trainer, "last.pt")
 
     def draws():
         return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
@@ -236,7 +237,7 @@ def test_checkpoint_restores_every_rng_state(data_dir, tmp_path):
     expected = draws()
     vqvae.set_seed(12345)
     trainer.step = trainer.epoch = trainer.step_in_epoch = 0
-    vqvae.restore_trainer(trainer, vqvae.read_checkpoint(tmp_path / "last.pt"))
+    checkpoint.restore_trainer(trainer, checkpoint.read_checkpoint(tmp_path / "last.pt"))
     assert draws() == expected
     assert (trainer.step, trainer.epoch, trainer.step_in_epoch) == (11, 1, 3)
 
@@ -259,7 +260,7 @@ def test_kill_during_a_write_leaves_the_old_file_and_resume_clears_the_rest(tmp_
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     assert path.read_bytes() == b"the previous checkpoint"
     assert len(list(tmp_path.glob(".last.pt.*.tmp"))) == 1  # the partial file, under a temporary name
-    vqvae.prepare_run_dir(vqvae.Config(resume=True), tmp_path, resume=True)
+    checkpoint.prepare_run_dir(vqvae.Config(resume=True), tmp_path, resume=True)
     assert not list(tmp_path.glob(".*.tmp")) and path.read_bytes() == b"the previous checkpoint"
 
 

@@ -1,4 +1,6 @@
 """What a new user trips over: record names, short runs, --help, failed downloads, resume schedule, small defects."""
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,3 +124,13 @@ def test_reconstructions_png_is_readable(tmp_path):
     vqvae.save_reconstructions(model, batches, tmp_path / "r.png", title="run: PSNR 20.00 dB")
     width, height = Image.open(tmp_path / "r.png").size
     assert width >= 800 and height >= 250
+
+
+@pytest.mark.parametrize("first", ["checkpoint", "vqvae", "runs"])
+def test_checkpoint_and_vqvae_import_in_either_order(first):
+    """vqvae.py and checkpoint.py import each other by module name: whichever comes first, both load whole."""
+    code = (f"import {first}\nimport checkpoint, vqvae\n"
+            "assert checkpoint.vqvae is vqvae and vqvae.checkpoint is checkpoint\n"
+            "assert callable(vqvae.train) and callable(checkpoint.read_checkpoint)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

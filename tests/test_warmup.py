@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import runs
+import checkpoint
 import vqvae
 from test_contract import ShrinkVQ  # a quantizer registered from outside vqvae.py, with a schedule and a loss
 
@@ -93,11 +94,11 @@ def test_resume_with_other_epochs_keeps_the_switch(tmp_path):
     have, and its schedule starts there from 0."""
     trainer = vqvae.Trainer(tiny_cfg(tmp_path, ae_warmup_steps=0, ae_warmup_frac=0.5), tmp_path, torch.device("cpu"))
     steps(trainer, trainer.train_batches.epoch(0), 2)
-    vqvae.save_checkpoint(trainer, "last.pt")
+    checkpoint.save_checkpoint(trainer, "last.pt")
     longer = vqvae.Trainer(tiny_cfg(tmp_path, ae_warmup_steps=0, ae_warmup_frac=0.5, epochs=2), tmp_path,
                            torch.device("cpu"))
     assert longer.warmup_steps == 10
-    vqvae.restore_trainer(longer, vqvae.read_checkpoint(tmp_path / "last.pt"))
+    checkpoint.restore_trainer(longer, checkpoint.read_checkpoint(tmp_path / "last.pt"))
     assert (longer.warmup_steps, longer.schedule_anchor, longer.model.phase) == (5, (5, 0.0), "ae")
 
 
@@ -156,7 +157,7 @@ def test_resume_across_the_switch_is_bit_exact(kill_step, reference, tmp_path, m
         return train_step(self, x)
 
     monkeypatch.setattr(vqvae.Trainer, "train_step", interrupted)
-    with pytest.raises(vqvae.Interrupted):
+    with pytest.raises(checkpoint.Interrupted):
         vqvae.train(outside_cfg(tmp_path))
     monkeypatch.undo()
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
