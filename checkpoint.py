@@ -2,7 +2,8 @@
 
 A checkpoint is one dict (trainer_state): its format number, the run's config, the model's weights, step and
 metrics; last.pt and checkpoint_epoch{N}.pt add everything a bit-exact resume needs (optimizer, step counters,
-schedule anchor, RNG states), final_model.pt does not. `load_checkpoint` rebuilds a model from the file alone.
+schedule anchor, RNG states), final_model.pt does not. `vqvae.load_checkpoint` rebuilds a model from the file
+alone.
 
 vqvae.py and this module import each other by module name; each reads the other's attributes only when a function
 runs, so either may be imported first.
@@ -26,8 +27,6 @@ from plumbing import UserError, atomic_write, import_modules
 RESUMABLE_CHANGES = {"epochs", "log_every", "checkpoint_every", "wandb", "wandb_project", "resume", "overwrite",
                      "device", "data_dir", "out_dir", "compile", "deterministic", "rfid", "rfid_every", "lpips",
                      "imports"}
-
-
 CHECKPOINT_FORMAT = 2  # 2: final_model.pt shares last.pt's format (minus optimizer); the schedule anchor is saved
 
 
@@ -154,7 +153,6 @@ def write_config(cfg: vqvae.Config, run_dir: Path):
     run_dir.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(vqvae.config_to_dict(cfg), sort_keys=False)
     atomic_write(run_dir / "config.yaml", lambda fh: fh.write(text.encode()))
-
 
 
 class Interrupted(Exception):
