@@ -77,7 +77,7 @@ def test_warmup_rows_say_whether_the_difference_exceeds_the_seed_spread(study):
 def test_the_length_curve_lists_every_fraction_of_a_method_with_three_or_more(study):
     text = dimension_study.report(study).split("Warm-up length:")[1]
     rows = [line for line in text.splitlines() if line.startswith("| 16,384 |")]
-    assert [r.split(" | ")[2] for r in rows] == ["0%", "10%", "25%", "50%"]
+    assert [r.split(" | ")[2] for r in rows] == ["0 %", "10 %", "25 %", "50 %"]
     assert all("vq_ema + restarts" in r for r in rows)  # BA ran two fractions only
 
 
@@ -86,3 +86,9 @@ def test_figure_is_written(study, tmp_path):
     out = tmp_path / "fig" / "dimension_psnr.png"
     dimension_study.main([str(study), "--figure", str(out)])
     assert out.stat().st_size > 10_000
+
+
+def test_the_length_table_says_when_no_method_ran_three_lengths(study):
+    groups = dimension_study.by_k(dimension_study.finished_runs(study))
+    only_ba = {16384: [r for r in groups[16384] if r["config"]["quantizer"] == "ba_vq"]}
+    assert dimension_study.curve_table(only_ba) == "(no method has run three warm-up lengths yet)"

@@ -94,7 +94,7 @@ def correlation_table(groups: dict[int, list[dict]]) -> str:
 
 
 def warmup_table(groups: dict[int, list[dict]], fraction: float = 0.25) -> str:
-    head = " | ".join(f"{name} 0 % → {fraction:.0%}" for _, name, _, _ in WARMUP_COLUMNS)
+    head = " | ".join(f"{name} 0 → {100 * fraction:.0f} %" for _, name, _, _ in WARMUP_COLUMNS)
     lines = [f"| K | method | seeds | {head} | Δ PSNR (dB) | warm-up's PSNR |",
              "|---|---|---|" + "---|" * (len(WARMUP_COLUMNS) + 2)]
     for K, group in groups.items():
@@ -123,8 +123,8 @@ def curve_table(groups: dict[int, list[dict]]) -> str:
             for f in fractions:
                 rows = [r for r in group if base_method(r["config"]) == method and warmup(r["config"]) == f]
                 cells = [mean_std(values(rows, k, s), spec) for k, _, s, spec in WARMUP_COLUMNS]
-                lines.append(f"| {K:,} | {method} | {f:.0%} | {len(rows)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+                lines.append(f"| {K:,} | {method} | {100 * f:.0f} % | {len(rows)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else "(no method has run three warm-up lengths yet)"
 
 
 def figure(groups: dict[int, list[dict]], path: Path):
