@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 import baselines  # noqa: F401  (registers simvq, fsq, wasserstein_vq, cvq)
+import plumbing
 import vqvae
 
 # ################################################################################################################
@@ -82,7 +83,8 @@ def machine_info(device: torch.device) -> dict:
             "python": platform.python_version(), "torch": torch.__version__, "device": str(device),
             "cpu": cpu_model(), "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "cuda_available": torch.cuda.is_available(), "vector_quantize_pytorch": _vqp_version()}
+            "cuda_available": torch.cuda.is_available(), "vector_quantize_pytorch": _vqp_version(),
+            "denormals_flushed": plumbing.denormals_flushed()}
     return info
 
 
@@ -552,6 +554,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no_steps", action="store_true", help="skip the alternating training-step rows")
     p.add_argument("--step_codebook_sizes", type=int, nargs="+", default=None, help="K of the step rows")
     p.add_argument("--beta", type=float, default=100.0, help="BA's beta (relative units) in every BA row")
+    p.add_argument("--keep_denormals", action="store_true", help="CPU arithmetic on subnormal floats, as before "
+                                                                 "train() flushed them to zero (for an A/B)")
     p.add_argument("--topk", type=int, default=16, help="ba_topk of the ba_topk rows")
     args = p.parse_args(argv)
     if args.repeats < 1:
@@ -561,6 +565,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    torch.set_flush_denormal(not args.keep_denormals)  # as train() runs; before the thread pool starts (it inherits)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)

@@ -95,11 +95,18 @@ def set_deterministic(on: bool):
     torch.backends.cudnn.deterministic = on
 
 
+
+
+def denormals_flushed() -> bool:
+    """Whether this thread's CPU float arithmetic flushes subnormals to zero (a probe: 1e-39 x 1 reads 0)."""
+    return torch.tensor(1e-39).mul(1.0).item() == 0.0
+
+
 def compile_model(model: nn.Module, device: torch.device, backend: str = "inductor") -> bool:
     """torch.compile the whole model in place, quantizer included (state_dict keys unchanged): Dynamo traces the
     quantizer's custom autograd functions and unrolls its chunk loops; the graph breaks only where a shape depends
-    on data (BA's columns whose Q underflows) and at the first step's k-means, and runs those parts eagerly. Where compiling is unsupported (no C++
-    compiler or Triton, a Python Dynamo does not support) warns and returns False."""
+    on data (BA's columns whose Q underflows) and at the first step's k-means, and runs those parts eagerly. Where
+    compiling is unsupported (no C++ compiler or Triton, a Python Dynamo does not support) warns and returns False."""
     try:
         # compilation is lazy: a trivial function compiled and run now finds a missing backend before training
         torch.compile(lambda t: t * 2 + 1, backend=backend)(torch.ones(8, device=device))
@@ -544,10 +551,11 @@ def git_state(folder: Path) -> dict:
 
 def provenance(repo: Path, device: torch.device, amp_dtype: Optional[torch.dtype], processes: int) -> dict:
     """What a run's records came from (provenance.json): the commit of the code in `repo` and whether its tracked
-    files differed from it ("unknown" outside a git checkout), torch, the device, the nets' precision, the processes."""
+    files differed from it ("unknown" outside a git checkout), torch, the device, the nets' precision, the processes,
+    and whether CPU arithmetic flushed subnormals to zero."""
     precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
     return {**git_state(repo), "torch": torch.__version__, "device": device_description(device),
-            "precision": precision, "processes": processes}
+            "precision": precision, "processes": processes, "denormals_flushed": denormals_flushed()}
 
 
 def download_cifar10(data_dir: Path) -> Path:

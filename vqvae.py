@@ -1546,6 +1546,11 @@ def train(cfg: Config) -> dict:
     train_usage and train_perplexity over the training split."""
     if cfg.resume and not cfg.name:
         raise UserError("--resume needs --name (the run to continue)")
+    # Subnormal floats (below 1.2e-38) read as 0 on the CPU: BA's soft assignments hold many, and every GEMM that
+    # reads them takes a microcode path ~100x slower (a K = 16,384 step: 1.5x slower at beta 100, 7.7x at 40;
+    # BENCHMARKS.md). No quantity here resolves them. The mode is per thread, and threads inherit it when they start:
+    # set here, before this process's first parallel op, it holds in torch's whole CPU thread pool.
+    torch.set_flush_denormal(True)
     own_group = not (dist.is_available() and dist.is_initialized())
     rank, world = dist_rank_world()
     device = pick_device(cfg.device) if world == 1 else ddp_device(cfg.device, rank)

@@ -134,3 +134,19 @@ def test_checkpoint_and_vqvae_import_in_either_order(first):
             "assert callable(vqvae.train) and callable(checkpoint.read_checkpoint)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_train_flushes_subnormals_in_every_cpu_thread(tmp_path):
+    """train() sets the mode before the process's first parallel op, so torch's whole thread pool inherits it: a
+    product over a tensor of subnormals, split across two threads, reads zero everywhere; provenance records it."""
+    code = ("import json, torch, plumbing, vqvae\n"
+            "torch.set_num_threads(2)\n"
+            "assert not plumbing.denormals_flushed()\n"
+            f"cfg = {{**{SAMPLE!r}, 'quantizer': 'ba_vq', 'epochs': 1, 'out_dir': {str(tmp_path)!r}, 'name': 'run'}}\n"
+            "vqvae.train(vqvae.make_config(cfg))\n"
+            "assert plumbing.denormals_flushed()\n"
+            "y = torch.full((1 << 22,), 1e-39) * 1.0\n"
+            "assert torch.count_nonzero(y).item() == 0, torch.count_nonzero(y).item()\n"
+            f"assert json.load(open({str(tmp_path / 'run' / 'provenance.json')!r}))['denormals_flushed'] is True\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -33,6 +33,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rows", type=int, default=25, help="operators in the table")
     args = p.parse_args(argv)
+    torch.set_flush_denormal(True)  # as train() runs; before the thread pool starts (it inherits the mode)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = vqvae.make_config({"quantizer": args.quantizer, "codebook_size": args.codebook_size, "arch": "compact",
