@@ -77,6 +77,10 @@ def verdict(without: list[float], with_: list[float]) -> str:
     return word + (" (one seed a side: shows, does not conclude)" if min(len(without), len(with_)) < 2 else "")
 
 
+def p_text(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p {p:.3f}"
+
+
 def correlation_table(groups: dict[int, list[dict]]) -> str:
     lines = ["| K | runs | " + " | ".join(name for _, name in PREDICTORS) + " |",
              "|---|---|" + "---|" * len(PREDICTORS)]
@@ -88,7 +92,7 @@ def correlation_table(groups: dict[int, list[dict]]) -> str:
                 cells.append("—")
                 continue
             rho, p = runs.spearman_test(*zip(*pairs))
-            cells.append("—" if math.isnan(rho) else f"{rho:+.2f} (p {p:.3f})")
+            cells.append("—" if math.isnan(rho) else f"{rho:+.2f} ({p_text(p)})")
         lines.append(f"| {K:,} | {len(group)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -144,7 +148,7 @@ def figure(groups: dict[int, list[dict]], path: Path):
                 ax.scatter(scale * r["final"][key], r["final"]["psnr"], s=45, marker=st["marker"],
                            edgecolors=st["color"], facecolors="none" if warmup(r["config"]) else st["color"])
             rho, p = runs.spearman_test(values(group, key), values(group, "psnr"))
-            ax.set(xlabel=label, ylabel="PSNR (dB)", title=f"K = {K:,}: Spearman ρ {rho:+.2f} (p {p:.3f}), "
+            ax.set(xlabel=label, ylabel="PSNR (dB)", title=f"K = {K:,}: Spearman ρ {rho:+.2f} ({p_text(p)}), "
                                                              f"{len(group)} runs")
             ax.grid(alpha=0.3)
     handles = [Line2D([], [], ls="", color=s["color"], marker=s["marker"], label=m) for m, s in style.items()]
