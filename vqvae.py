@@ -1547,7 +1547,7 @@ def train(cfg: Config) -> dict:
     if cfg.resume and not cfg.name:
         raise UserError("--resume needs --name (the run to continue)")
     # Subnormal floats (below 1.2e-38) read as 0 on the CPU: BA's soft assignments hold many, and every GEMM that
-    # reads them takes a microcode path ~100x slower (a K = 16,384 step: 1.5x slower at beta 100, 7.7x at 40;
+    # reads them takes a slow microcode path (BA's K = 16,384 training step was 1.5x slower at beta 100, 2.4x at 40;
     # BENCHMARKS.md). No quantity here resolves them. The mode is per thread, and threads inherit it when they start:
     # set here, before this process's first parallel op, it holds in torch's whole CPU thread pool.
     torch.set_flush_denormal(True)

@@ -92,3 +92,13 @@ def test_the_length_table_says_when_no_method_ran_three_lengths(study):
     groups = dimension_study.by_k(dimension_study.finished_runs(study))
     only_ba = {16384: [r for r in groups[16384] if r["config"]["quantizer"] == "ba_vq"]}
     assert dimension_study.curve_table(only_ba) == "(no method has run three warm-up lengths yet)"
+
+
+def test_a_warmup_given_in_steps_counts_as_its_share_of_the_run(tmp_path):
+    run_dir = tmp_path / "run"
+    write_run(run_dir, {"psnr": 20.0}, ae_warmup_steps=25, ae_warmup_frac=0.0)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (10, 50, 100)))
+    run = runs.load_run(run_dir)
+    assert dimension_study.warmup(run) == 0.25
+    assert dimension_study.base_method(run["config"]) == dimension_study.base_method({**run["config"],
+                                                                                      "ae_warmup_steps": 0})

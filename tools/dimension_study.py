@@ -38,7 +38,13 @@ def base_method(config: dict) -> str:
         " + top-16" if config.get("ba_topk") else "")
 
 
-def warmup(config: dict) -> float:
+def warmup(run: dict) -> float:
+    """The share of the run's steps spent in an AE warm-up: ae_warmup_frac, or ae_warmup_steps over the run's last
+    recorded step (its total), rounded to a percent so that runs of one fraction group together."""
+    config = run["config"]
+    if config.get("ae_warmup_steps"):
+        total = max((r["step"] for r in run["records"] if "step" in r), default=0)
+        return round(config["ae_warmup_steps"] / total, 2) if total else math.nan
     return float(config.get("ae_warmup_frac") or 0.0)
 
 
@@ -104,8 +110,8 @@ def warmup_table(groups: dict[int, list[dict]], fraction: float = 0.25) -> str:
     for K, group in groups.items():
         for method in sorted({base_method(r["config"]) for r in group}):
             rows = [r for r in group if base_method(r["config"]) == method]
-            off = [r for r in rows if warmup(r["config"]) == 0]
-            on = [r for r in rows if warmup(r["config"]) == fraction]
+            off = [r for r in rows if warmup(r) == 0]
+            on = [r for r in rows if warmup(r) == fraction]
             if not off or not on:
                 continue
             cells = [f"{mean_std(values(off, k, s), spec)} → {mean_std(values(on, k, s), spec)}"
@@ -121,11 +127,11 @@ def curve_table(groups: dict[int, list[dict]]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for K, group in groups.items():
         for method in sorted({base_method(r["config"]) for r in group}):
-            fractions = sorted({warmup(r["config"]) for r in group if base_method(r["config"]) == method})
+            fractions = sorted({warmup(r) for r in group if base_method(r["config"]) == method})
             if len(fractions) < 3:  # the curve rows only: two fractions are the table above
                 continue
             for f in fractions:
-                rows = [r for r in group if base_method(r["config"]) == method and warmup(r["config"]) == f]
+                rows = [r for r in group if base_method(r["config"]) == method and warmup(r) == f]
                 cells = [mean_std(values(rows, k, s), spec) for k, _, s, spec in WARMUP_COLUMNS]
                 lines.append(f"| {K:,} | {method} | {100 * f:.0f} % | {len(rows)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) if len(lines) > 2 else "(no method has run three warm-up lengths yet)"
@@ -146,7 +152,7 @@ def figure(groups: dict[int, list[dict]], path: Path):
             for r in group:
                 st = style[base_method(r["config"])]
                 ax.scatter(scale * r["final"][key], r["final"]["psnr"], s=45, marker=st["marker"],
-                           edgecolors=st["color"], facecolors="none" if warmup(r["config"]) else st["color"])
+                           edgecolors=st["color"], facecolors="none" if warmup(r) else st["color"])
             rho, p = runs.spearman_test(values(group, key), values(group, "psnr"))
             ax.set(xlabel=label, ylabel="PSNR (dB)", title=f"K = {K:,}: Spearman ρ {rho:+.2f} ({p_text(p)}), "
                                                              f"{len(group)} runs")
