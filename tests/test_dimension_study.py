@@ -102,3 +102,13 @@ def test_a_warmup_given_in_steps_counts_as_its_share_of_the_run(tmp_path):
     assert dimension_study.warmup(run) == 0.25
     assert dimension_study.base_method(run["config"]) == dimension_study.base_method({**run["config"],
                                                                                       "ae_warmup_steps": 0})
+
+
+def test_a_cell_over_fewer_seeds_than_its_runs_says_how_many(study):
+    """rFID scored for one of the two no-warm-up seeds: that cell names its one seed; the PSNR cells do not."""
+    final = study / "vq_0.0_2" / "final_metrics.json"
+    final.write_text(json.dumps({k: v for k, v in json.loads(final.read_text()).items() if k != "rfid"}))
+    text = dimension_study.report(study)
+    vq_row = next(line for line in text.splitlines() if "| vq_ema + restarts | 2 / 2 |" in line)
+    assert "| 95.0 (1 seed) → 89.5 ± 0.7 |" in vq_row
+    assert "22.10 ± 0.14 → 23.05 ± 0.07" in vq_row

@@ -122,3 +122,18 @@ def test_commit_and_train_usage_columns_come_from_the_csv(sweep_csv):
     assert table["low"]["commit"] == "aaaaaaa, bbbbbbb+dirty" and table["high"]["commit"] == "ccccccc"
     assert table["low"]["train usage (%)"] == mean_std([50 * RUNS[n][3] for n in ("low_s1", "low_s2")], ".1f")
     assert list(table["low"])[-2:] == ["s/step", "commit"]
+
+
+def test_a_metric_some_seeds_lack_says_over_how_many(sweep_csv):
+    """rFID of one seed of two, train usage of both: the first cell names its one seed, the second is plain."""
+    with open(sweep_csv) as fh:
+        rows = list(csv.DictReader(fh))
+    with open(sweep_csv, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=[*rows[0], "rfid", "train_usage"])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**r, "rfid": 80.0 if r["experiment"] == "high_s1" else "", "train_usage": 0.5})
+    table = {r["method"]: r for r in table_rows(summarize_sweep.summarize(str(sweep_csv)))}
+    assert table["high"]["rFID"] == "80.0 (1 seed)"
+    assert table["low"]["rFID"] == "—"
+    assert table["high"]["train usage (%)"] == "50.0 ± 0.0"

@@ -63,10 +63,12 @@ def values(group: list[dict], key: str, scale: float = 1) -> list[float]:
     return [scale * r["final"][key] for r in group if r["final"].get(key) is not None]
 
 
-def mean_std(v: list[float], spec: str) -> str:
+def mean_std(v: list[float], spec: str, of: int = 0) -> str:
+    """Mean ± std; "(1 seed)" etc. when fewer values than `of`, the runs of the cell (as summarize_sweep)."""
     if not v:
         return "—"
-    return format(v[0], spec) if len(v) == 1 else f"{statistics.mean(v):{spec}} ± {statistics.stdev(v):{spec}}"
+    cell = format(v[0], spec) if len(v) == 1 else f"{statistics.mean(v):{spec}} ± {statistics.stdev(v):{spec}}"
+    return cell + (f" ({len(v)} seed{'s' if len(v) > 1 else ''})" if len(v) < of else "")
 
 
 def verdict(without: list[float], with_: list[float]) -> str:
@@ -114,7 +116,7 @@ def warmup_table(groups: dict[int, list[dict]], fraction: float = 0.25) -> str:
             on = [r for r in rows if warmup(r) == fraction]
             if not off or not on:
                 continue
-            cells = [f"{mean_std(values(off, k, s), spec)} → {mean_std(values(on, k, s), spec)}"
+            cells = [f"{mean_std(values(off, k, s), spec, len(off))} → {mean_std(values(on, k, s), spec, len(on))}"
                      for k, _, s, spec in WARMUP_COLUMNS]
             a, b = values(off, "psnr"), values(on, "psnr")
             lines.append(f"| {K:,} | {method} | {len(off)} / {len(on)} | " + " | ".join(cells) +
@@ -132,7 +134,7 @@ def curve_table(groups: dict[int, list[dict]]) -> str:
                 continue
             for f in fractions:
                 rows = [r for r in group if base_method(r["config"]) == method and warmup(r) == f]
-                cells = [mean_std(values(rows, k, s), spec) for k, _, s, spec in WARMUP_COLUMNS]
+                cells = [mean_std(values(rows, k, s), spec, len(rows)) for k, _, s, spec in WARMUP_COLUMNS]
                 lines.append(f"| {K:,} | {method} | {100 * f:.0f} % | {len(rows)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) if len(lines) > 2 else "(no method has run three warm-up lengths yet)"
 

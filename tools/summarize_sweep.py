@@ -9,7 +9,7 @@ participation ratio of the latents e, the decoder's inputs z_q and the code vect
 distortion at log2 K bits against the quantizer's distortion) are over the test split. s/step is read from each run's
 metrics.jsonl (<folder of results.csv>/<experiment>); the last column, commit, lists the commits the group's runs
 trained at (results.csv's commit and dirty columns; "—" for runs from before they were recorded; no column when no
-run has one).
+run has one). A cell over fewer runs than its row's seeds says how many, e.g. "79.6 (1 seed)".
 """
 import argparse
 import csv
@@ -35,13 +35,18 @@ COMMIT_HEADER = "commit"
 ORDERS = ("psnr", "file")
 
 
-def fmt(values, scale, spec):
+def fmt(values, scale, spec, of: Optional[int] = None):
+    """Mean ± std of values (one value alone; "—" for none). When `of` (the group's runs) exceeds the number of
+    values, the cell says over how many seeds it is, e.g. "79.6 (1 seed)", so a metric that only some seeds have
+    does not pass for the group's."""
     values = [scale * v for v in values]
     if not values:
         return "—"
-    if len(values) == 1:
-        return format(values[0], spec)
-    return f"{format(statistics.mean(values), spec)} ± {format(statistics.stdev(values), spec)}"
+    cell = format(values[0], spec) if len(values) == 1 else \
+        f"{format(statistics.mean(values), spec)} ± {format(statistics.stdev(values), spec)}"
+    if of is not None and len(values) < of:
+        cell += f" ({len(values)} seed{'s' if len(values) > 1 else ''})"
+    return cell
 
 
 def epoch_records(metrics_path: Path) -> list[dict]:
@@ -110,7 +115,7 @@ def summarize(path: str, order: str = "psnr") -> str:
     headers = [c[1] for c in columns] + [STEP_TIME_HEADER] + [COMMIT_HEADER] * with_commit
     lines = ["| method | seeds | " + " | ".join(headers) + " |", "|---" * (len(headers) + 2) + "|"]
     for name, rs in ordered_groups(rows, order):
-        cells = [fmt([float(r[k]) for r in rs if r.get(k) not in (None, "")], scale, spec)
+        cells = [fmt([float(r[k]) for r in rs if r.get(k) not in (None, "")], scale, spec, of=len(rs))
                  for k, _, scale, spec in columns]
         cells += [step_time_cell(rs, sweep_dir)] + [commit_cell(rs)] * with_commit
         lines.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + " |")
