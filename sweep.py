@@ -2,6 +2,7 @@
 
     python train.py --sweep sweeps/seed_ablation.yaml                       # full size (train.py parses the flags)
     python train.py --sweep sweeps/seed_ablation.yaml --epochs 2 --dataset cifar10-sample --no_wandb
+    python train.py --sweep sweeps/leaderboard.yaml sweeps/leaderboard_d8.yaml --jobs 2   # one queue, two tables
 
 Sweep file:
     name: seed_ablation            # folder under out_dir (default: the file's stem)
@@ -79,34 +80,46 @@ def experiment_configs(spec: dict, config_file: Optional[str], flags: dict) -> l
     return configs
 
 
-def run_sweep(path: str, config_file: Optional[str] = None, flags: Optional[dict] = None, jobs: int = 1,
-              table_only: bool = False) -> list[dict]:
-    """Train the sweep's unfinished experiments (unless table_only), then write results.csv and results.md from
-    every run folder there is."""
+def run_sweep(paths: str | Path | list, config_file: Optional[str] = None, flags: Optional[dict] = None,
+              jobs: int = 1, table_only: bool = False) -> list[dict]:
+    """Train the unfinished experiments of one sweep file or several (unless table_only), then write each sweep's
+    results.csv and results.md from every run folder there is. Several files share one queue, in file order, so
+    with --jobs no slot idles at the end of one sweep while the next has runs. Returns the last sweep's rows."""
     if jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {jobs}")
-    spec = read_sweep(path)
-    configs = experiment_configs(spec, config_file, flags or {})
-    folder = Path(configs[0][1].out_dir)
-    if table_only and not any((folder / cfg.name / "config.yaml").exists() for _, cfg in configs):
-        raise UserError(f"--table_only: no runs of this sweep in {folder} (--out_dir names the folder holding "
-                        f"{spec['name']}/, e.g. --out_dir results for the committed records)")
-    todo = []
-    for i, (_, cfg) in enumerate([] if table_only else configs, 1):
+    sweeps = [_sweep_configs(p, config_file, flags or {}, table_only)
+              for p in (paths if isinstance(paths, (list, tuple)) else [paths])]
+    names = [cfg.name for _, configs in sweeps for _, cfg in configs]
+    todo, n = [], len(names)
+    for i, cfg in enumerate([] if table_only else [cfg for _, configs in sweeps for _, cfg in configs], 1):
         run_dir = Path(cfg.out_dir) / cfg.name
+        label = cfg.name if len(sweeps) == 1 else f"{Path(cfg.out_dir).name}/{cfg.name}"
         if (run_dir / "final_metrics.json").exists():
-            print(f"[{i}/{len(configs)}] {cfg.name}: finished, skipping")
+            print(f"[{i}/{n}] {label}: finished, skipping")
             continue
         resume = (run_dir / "last.pt").exists()
-        print(f"[{i}/{len(configs)}] {cfg.name}: {'resuming' if resume else 'starting'}", flush=True)
+        print(f"[{i}/{n}] {label}: {'resuming' if resume else 'starting'}", flush=True)
         todo.append(dataclasses.replace(cfg, resume=resume, overwrite=not resume))
         if jobs == 1:
             vqvae.train(todo[-1])
     if jobs > 1:
         run_in_parallel(todo, jobs)
-    rows = collect_results(configs)
-    write_results(rows, folder)
+    rows = []
+    for folder, configs in sweeps:
+        rows = collect_results(configs)
+        write_results(rows, folder)
     return rows
+
+
+def _sweep_configs(path, config_file, flags, table_only) -> tuple[Path, list[tuple[str, vqvae.Config]]]:
+    """(the sweep's folder, its (key_change, config) pairs); with table_only, an error when it has no run there."""
+    spec = read_sweep(path)
+    configs = experiment_configs(spec, config_file, flags)
+    folder = Path(configs[0][1].out_dir)
+    if table_only and not any((folder / cfg.name / "config.yaml").exists() for _, cfg in configs):
+        raise UserError(f"--table_only: no runs of this sweep in {folder} (--out_dir names the folder holding "
+                        f"{spec['name']}/, e.g. --out_dir results for the committed records)")
+    return folder, configs
 
 
 def run_in_parallel(configs: list[vqvae.Config], jobs: int):
@@ -126,13 +139,14 @@ def run_in_parallel(configs: list[vqvae.Config], jobs: int):
                 if proc.returncode != 0:
                     failed.append(cfg.name)
     if failed:
-        log_dir = Path(configs[0].out_dir) / "logs"
-        raise UserError(f"{len(failed)} of {len(configs)} experiments failed: {', '.join(failed)} (see {log_dir})")
+        log_dirs = ", ".join(dict.fromkeys(str(Path(cfg.out_dir) / "logs") for cfg in configs))
+        raise UserError(f"{len(failed)} of {len(configs)} experiments failed: {', '.join(failed)} (see {log_dirs})")
 
 
 def _launch(cfg: vqvae.Config, tmp: Path, threads: str) -> subprocess.Popen:
     """`python train.py --config <cfg>` with its output in <out_dir>/logs/<name>.log."""
-    config = tmp / f"{cfg.name}.yaml"
+    config = tmp / Path(cfg.out_dir).name / f"{cfg.name}.yaml"  # sweeps sharing a queue may share names
+    config.parent.mkdir(exist_ok=True)
     config.write_text(yaml.safe_dump(vqvae.config_to_dict(cfg), sort_keys=False))
     log = Path(cfg.out_dir) / "logs" / f"{cfg.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                      argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML file of config keys (flags override it)")
-    parser.add_argument("--sweep", help="YAML sweep file: base config + named experiments (see sweeps/)")
+    parser.add_argument("--sweep", nargs="+", metavar="FILE",
+                        help="YAML sweep file(s): base config + named experiments (see sweeps/); several files "
+                             "share one queue of --jobs slots and each writes its own table")
     parser.add_argument("--jobs", type=int, help="with --sweep: experiments run at a time, each in a process of its "
                                                  "own (default 1)")
     parser.add_argument("--table_only", action="store_true", help="with --sweep: train nothing; write results.csv "
@@ -85,15 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_imports(argv: list[str]) -> str:
-    """The run's `imports`: those of --config FILE and of --sweep FILE's base (else the default), then each
+    """The run's `imports`: those of --config FILE and of each --sweep FILE's base (else the default), then each
     --import MODULE. Read before the flags are parsed, so the flags know what these modules register."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
-    pre.add_argument("--sweep")
+    pre.add_argument("--sweep", nargs="+", default=[])
     pre.add_argument("--import", dest="modules", action="append", default=[])
     args, _ = pre.parse_known_args(argv)
     files = ([vqvae.read_yaml(args.config)] if args.config else []) + \
-        ([vqvae.read_yaml(args.sweep).get("base") or {}] if args.sweep else [])
+        [vqvae.read_yaml(path).get("base") or {} for path in args.sweep]
     listed = [f["imports"] for f in files if isinstance(f, dict) and "imports" in f] or [Config.imports]
     names = [s.strip() for text in listed if isinstance(text, str) for s in text.split(",")] + args.modules
     return ",".join(dict.fromkeys(n for n in names if n))

@@ -111,6 +111,31 @@ def test_jobs_run_experiments_side_by_side_with_the_results_of_one_by_one(tmp_pa
     assert "vq: finished, skipping" in stdout and "ba: finished, skipping" in stdout and "done" not in stdout
 
 
+def test_several_sweeps_share_one_queue_and_write_a_table_each(tmp_path):
+    """Two sweep files whose experiments share a name, in one command with --jobs 2: each run in its own sweep's
+    folder (config, log), each sweep its own results.csv; --table_only then rebuilds both."""
+    paths = []
+    for name, K in (("tiny_a", 16), ("tiny_b", 32)):
+        spec = {**TINY_SWEEP, "name": name, "base": {**TINY_SWEEP["base"], "codebook_size": K},
+                "experiments": TINY_SWEEP["experiments"][:1]}
+        paths.append(tmp_path / f"{name}.yaml")
+        paths[-1].write_text(yaml.safe_dump(spec))
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--sweep", *map(str, paths), "--jobs", "2",
+                           "--dataset", "cifar10-sample", "--no_wandb", "--out_dir", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[1/2] tiny_a/vq: starting" in proc.stdout and "[2/2] tiny_b/vq: starting" in proc.stdout
+    for name, K in (("tiny_a", 16), ("tiny_b", 32)):
+        assert runs.load_run(tmp_path / name / "vq")["config"]["codebook_size"] == K
+        assert "Training complete" in (tmp_path / name / "logs" / "vq.log").read_text()
+        assert read_results(tmp_path / name)["vq"]["psnr"]
+        (tmp_path / name / "results.csv").unlink()
+    run_sweep_cli(paths[0], tmp_path, "--table_only")  # one file, as before
+    assert (tmp_path / "tiny_a" / "results.csv").exists() and not (tmp_path / "tiny_b" / "results.csv").exists()
+    sweep.run_sweep(paths, flags={"out_dir": str(tmp_path)}, table_only=True)
+    assert all(read_results(tmp_path / name)["vq"]["psnr"] for name in ("tiny_a", "tiny_b"))
+
+
 def test_table_only_rebuilds_the_table_from_the_runs_there_are_and_trains_nothing(tmp_path):
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(TINY_SWEEP))
