@@ -112,3 +112,14 @@ def test_a_cell_over_fewer_seeds_than_its_runs_says_how_many(study):
     vq_row = next(line for line in text.splitlines() if "| vq_ema + restarts | 2 / 2 |" in line)
     assert "| 95.0 (1 seed) → 89.5 ± 0.7 |" in vq_row
     assert "22.10 ± 0.14 → 23.05 ± 0.07" in vq_row
+
+
+def test_spectra_figure_draws_a_panel_per_method_with_spectra(study, tmp_path):
+    pytest.importorskip("matplotlib")
+    lam = [4.0 / (i + 1) ** 2 for i in range(16)]
+    for name in ("vq_0.0_1", "vq_0.25_1", "ba_0.0_1"):
+        (study / name / "spectrum.json").write_text(json.dumps({"bits": 14.0, "latent_eigvals": lam}))
+    out = tmp_path / "spectra.png"
+    panels = dimension_study.spectra_figure(dimension_study.by_k(dimension_study.finished_runs(study)), out)
+    assert panels == [(16384, "ba_vq + restarts + top-16", 1), (16384, "vq_ema + restarts", 2)]
+    assert out.stat().st_size > 10_000

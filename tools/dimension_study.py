@@ -11,7 +11,9 @@ Three tables over the finished runs, each K (codebook size) apart, since PSNR mo
   shows, it does not conclude);
 - the warm-up-length curve: every warm-up fraction a method ran at, one row each (mean over its seeds).
 The figure: PSNR against the latents' 99 % dimension and against usage, one row per K; one marker per method,
-filled without warm-up and hollow with it.
+filled without warm-up and hollow with it. The spectra figure (--spectra): each run's eigenvalues of the latents'
+covariance (spectrum.json), one panel per K and method, a colour per warm-up length and a line style per seed, with
+each run's water-filling level θ at log2 K bits dotted in its colour: the directions above θ get bits.
 """
 from __future__ import annotations
 
@@ -168,6 +170,45 @@ def figure(groups: dict[int, list[dict]], path: Path):
     fig.savefig(path, dpi=90, bbox_inches="tight")
 
 
+def spectra_figure(groups: dict[int, list[dict]], path: Path) -> list[tuple[int, str, int]]:
+    """Draws the figure; returns its panels as (K, method, runs drawn)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    import vqvae
+
+    panels = [(K, m, [r for r in g if base_method(r["config"]) == m and r.get("spectrum")])
+              for K, g in groups.items() for m in sorted({base_method(r["config"]) for r in g})]
+    panels = [p for p in panels if p[2]]
+    fractions = sorted({warmup(r) for _, _, rs in panels for r in rs})
+    seeds = sorted({r["config"]["seed"] for _, _, rs in panels for r in rs})
+    cols = min(3, len(panels))
+    fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(5.2 * cols, 3.6 * -(-len(panels) // cols)),
+                             squeeze=False, sharey=True)
+    for ax, (K, method, rs) in zip(axes.flat, panels):
+        for r in sorted(rs, key=lambda r: (warmup(r), r["config"]["seed"])):
+            lam = torch.tensor(r["spectrum"]["latent_eigvals"], dtype=torch.float64)
+            theta, d_wf, _ = vqvae.water_filling(lam, r["spectrum"]["bits"])
+            color = f"C{fractions.index(warmup(r))}"
+            ls = ["-", "--", ":", "-."][seeds.index(r["config"]["seed"]) % 4]
+            ax.semilogy(range(1, len(lam) + 1), lam.numpy(), color=color, ls=ls, lw=1.2,
+                        label=f"warm-up {100 * warmup(r):.0f} %, seed {r['config']['seed']} (d_WF {d_wf})")
+            ax.axhline(theta, color=color, ls=(0, (1, 3)), lw=0.9)
+        ax.set(title=f"{method}, K = {K:,}", xlabel="rank")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("eigenvalue of e's covariance")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    return [(K, method, len(rs)) for K, method, rs in panels]
+
+
 def report(folder: Path) -> str:
     groups = by_k(finished_runs(folder))
     if not groups:
@@ -182,11 +223,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("folder", type=Path, help="the sweep's folder, e.g. results/dimension")
     parser.add_argument("--figure", type=Path, help="also draw PSNR against dimension and usage into this PNG")
+    parser.add_argument("--spectra", type=Path, help="also draw the latents' spectra, by method, into this PNG")
     args = parser.parse_args(argv)
     print(report(args.folder), end="")
     if args.figure:
         figure(by_k(finished_runs(args.folder)), args.figure)
         print(f"figure: {args.figure}")
+    if args.spectra:
+        spectra_figure(by_k(finished_runs(args.folder)), args.spectra)
+        print(f"figure: {args.spectra}")
 
 
 if __name__ == "__main__":
