@@ -123,3 +123,8 @@ def test_spectra_figure_draws_a_panel_per_method_with_spectra(study, tmp_path):
     panels = dimension_study.spectra_figure(dimension_study.by_k(dimension_study.finished_runs(study)), out)
     assert panels == [(16384, "ba_vq + restarts + top-16", 1), (16384, "vq_ema + restarts", 2)]
     assert out.stat().st_size > 10_000
+
+
+def test_the_figure_title_says_when_a_correlation_is_undefined():
+    assert dimension_study.rho_text([1.0, 1.0, 1.0], [20.0, 21.0, 22.0]) == "Spearman ρ undefined (no spread)"
+    assert dimension_study.rho_text([1.0, 2.0, 3.0], [20.0, 21.0, 22.0]).startswith("Spearman ρ +1.00 (p ")

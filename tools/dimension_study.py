@@ -91,6 +91,12 @@ def p_text(p: float) -> str:
     return "p < 0.001" if p < 0.001 else f"p {p:.3f}"
 
 
+def rho_text(x: list[float], y: list[float]) -> str:
+    """"Spearman ρ +0.80 (p < 0.001)"; a constant x or y (every code in use, say) has no rank order to correlate."""
+    rho, p = runs.spearman_test(x, y)
+    return "Spearman ρ undefined (no spread)" if math.isnan(rho) else f"Spearman ρ {rho:+.2f} ({p_text(p)})"
+
+
 def correlation_table(groups: dict[int, list[dict]]) -> str:
     lines = ["| K | runs | " + " | ".join(name for _, name in PREDICTORS) + " |",
              "|---|---|" + "---|" * len(PREDICTORS)]
@@ -157,9 +163,8 @@ def figure(groups: dict[int, list[dict]], path: Path):
                 st = style[base_method(r["config"])]
                 ax.scatter(scale * r["final"][key], r["final"]["psnr"], s=45, marker=st["marker"],
                            edgecolors=st["color"], facecolors="none" if warmup(r) else st["color"])
-            rho, p = runs.spearman_test(values(group, key), values(group, "psnr"))
-            ax.set(xlabel=label, ylabel="PSNR (dB)", title=f"K = {K:,}: Spearman ρ {rho:+.2f} ({p_text(p)}), "
-                                                             f"{len(group)} runs")
+            rho = rho_text(values(group, key), values(group, "psnr"))
+            ax.set(xlabel=label, ylabel="PSNR (dB)", title=f"K = {K:,}: {rho}, {len(group)} runs")
             ax.grid(alpha=0.3)
     handles = [Line2D([], [], ls="", color=s["color"], marker=s["marker"], label=m) for m, s in style.items()]
     handles += [Line2D([], [], ls="", color="k", marker="o", label="no warm-up"),
