@@ -89,16 +89,16 @@ def run_sweep(paths: str | Path | list, config_file: Optional[str] = None, flags
         raise UserError(f"--jobs must be >= 1, got {jobs}")
     sweeps = [_sweep_configs(p, config_file, flags or {}, table_only)
               for p in (paths if isinstance(paths, (list, tuple)) else [paths])]
-    names = [cfg.name for _, configs in sweeps for _, cfg in configs]
-    todo, n = [], len(names)
-    for i, cfg in enumerate([] if table_only else [cfg for _, configs in sweeps for _, cfg in configs], 1):
+    queue = [cfg for _, configs in sweeps for _, cfg in configs]
+    todo = []
+    for i, cfg in enumerate([] if table_only else queue, 1):
         run_dir = Path(cfg.out_dir) / cfg.name
         label = cfg.name if len(sweeps) == 1 else f"{Path(cfg.out_dir).name}/{cfg.name}"
         if (run_dir / "final_metrics.json").exists():
-            print(f"[{i}/{n}] {label}: finished, skipping")
+            print(f"[{i}/{len(queue)}] {label}: finished, skipping")
             continue
         resume = (run_dir / "last.pt").exists()
-        print(f"[{i}/{n}] {label}: {'resuming' if resume else 'starting'}", flush=True)
+        print(f"[{i}/{len(queue)}] {label}: {'resuming' if resume else 'starting'}", flush=True)
         todo.append(dataclasses.replace(cfg, resume=resume, overwrite=not resume))
         if jobs == 1:
             vqvae.train(todo[-1])
