@@ -24,8 +24,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import runs  # noqa: E402
+from summarize_sweep import fmt  # noqa: E402  (mean ± std cells, as the sweep tables write them)
 
 PREDICTORS = [("latent_dim99", "dim99 e"), ("zq_dim99", "dim99 z_q"), ("codebook_dim99", "dim99 codes"),
               ("latent_pr", "PR e"), ("usage_rate", "usage"), ("perplexity", "perplexity"),
@@ -66,11 +68,8 @@ def values(group: list[dict], key: str, scale: float = 1) -> list[float]:
 
 
 def mean_std(v: list[float], spec: str, of: int = 0) -> str:
-    """Mean ± std; "(1 seed)" etc. when fewer values than `of`, the runs of the cell (as summarize_sweep)."""
-    if not v:
-        return "—"
-    cell = format(v[0], spec) if len(v) == 1 else f"{statistics.mean(v):{spec}} ± {statistics.stdev(v):{spec}}"
-    return cell + (f" ({len(v)} seed{'s' if len(v) > 1 else ''})" if len(v) < of else "")
+    """Mean ± std; "(1 seed)" etc. when fewer values than `of`, the runs of the cell (summarize_sweep.fmt)."""
+    return fmt(v, 1, spec, of=of or None)
 
 
 def verdict(without: list[float], with_: list[float]) -> str:
