@@ -137,3 +137,27 @@ def test_a_metric_some_seeds_lack_says_over_how_many(sweep_csv):
     assert table["high"]["rFID"] == "80.0 (1 seed)"
     assert table["low"]["rFID"] == "—"
     assert table["high"]["train usage (%)"] == "50.0 ± 0.0"
+
+
+def test_separation_marks_only_rows_apart_on_every_seed_pair(sweep_csv, capsys):
+    """high (22.0, 22.6) is above low (20.0, 20.5) on every seed pair; mid (20.4, 21.0) overlaps low but not high;
+    one (a single seed) is never compared; lower-is-better metrics read the same way (">" is higher, not better)."""
+    with open(sweep_csv) as fh:
+        rows = list(csv.DictReader(fh))
+    with open(sweep_csv, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        for name, psnr in (("mid_s1", 20.4), ("mid_s2", 21.0), ("one_s1", 30.0)):
+            writer.writerow({"experiment": name, "key_change": name[:-3], "seed": name[-1], "psnr": psnr,
+                             "ssim": 0.7, "usage_rate": 0.5})
+    matrix = {r["method"]: r for r in table_rows(summarize_sweep.separation(str(sweep_csv)))}
+    assert list(matrix) == ["one", "high", "mid", "low"]  # the table's order: best mean PSNR first
+    assert [matrix["high"][c] for c in "1234"] == ["?", "·", ">", ">"]
+    assert [matrix["mid"][c] for c in "1234"] == ["?", "<", "·", "≈"]
+    assert [matrix["low"][c] for c in "1234"] == ["?", "<", "≈", "·"]
+    assert [matrix["one"][c] for c in "1234"] == ["·", "?", "?", "?"]
+    by_ssim = {r["method"]: r for r in table_rows(summarize_sweep.separation(str(sweep_csv), "ssim"))}
+    assert by_ssim["high"]["4"] == ">" and by_ssim["mid"]["4"] == "≈"  # ssim 0.80/0.83 vs 0.70/0.72; 0.7 ties
+
+    summarize_sweep.main([str(sweep_csv), "--separation", "psnr"])
+    out = capsys.readouterr().out
+    assert out.endswith(summarize_sweep.separation(str(sweep_csv))) and "| psnr | method |" in out

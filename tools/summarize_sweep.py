@@ -10,6 +10,12 @@ distortion at log2 K bits against the quantizer's distortion) are over the test 
 metrics.jsonl (<folder of results.csv>/<experiment>); the last column, commit, lists the commits the group's runs
 trained at (results.csv's commit and dirty columns; "—" for runs from before they were recorded; no column when no
 run has one). A cell over fewer runs than its row's seeds says how many, e.g. "79.6 (1 seed)".
+
+With --separation METRIC a second table says which rows differ in METRIC beyond their seed spread: ">" where every
+seed of the row is above every seed of the column's row, "<" where every one is below, "≈" where their seeds overlap,
+"?" where either row has fewer than two seeds with the metric (one seed shows, it does not conclude).
+
+    python tools/summarize_sweep.py results/leaderboard/results.csv --separation psnr
 """
 import argparse
 import csv
@@ -122,13 +128,40 @@ def summarize(path: str, order: str = "psnr") -> str:
     return "\n".join(lines) + "\n"
 
 
+def separation(path: str, metric: str = "psnr", order: str = "psnr") -> str:
+    """Which groups differ in `metric` on every seed pair, as a Markdown matrix in the table's row order. Cell
+    (i, j) compares every seed of row i with every seed of row j: min_i > max_j is ">", max_i < min_j is "<",
+    otherwise "≈"; "?" when either row has under two seeds with the metric; "·" on the diagonal."""
+    with open(path) as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("psnr")]
+    groups = ordered_groups(rows, order)
+    values = [[float(r[metric]) for r in rs if r.get(metric) not in (None, "")] for _, rs in groups]
+
+    def sign(a: list[float], b: list[float]) -> str:
+        if len(a) < 2 or len(b) < 2:
+            return "?"
+        return ">" if min(a) > max(b) else "<" if max(a) < min(b) else "≈"
+
+    n = len(groups)
+    lines = [f"| {metric} | method | " + " | ".join(str(j + 1) for j in range(n)) + " |", "|---" * (n + 2) + "|"]
+    for i, (name, _) in enumerate(groups):
+        cells = ["·" if i == j else sign(values[i], values[j]) for j in range(n)]
+        lines.append(f"| {i + 1} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", help="a sweep's results.csv")
     parser.add_argument("--order", choices=ORDERS, default="psnr",
                         help="group order: best mean PSNR first (default) or first appearance in the csv")
+    parser.add_argument("--separation", metavar="METRIC",
+                        help="also print which rows differ in METRIC (a results.csv column, e.g. psnr, lpips) on "
+                             "every seed pair")
     args = parser.parse_args(argv)
     print(summarize(args.path, args.order), end="")
+    if args.separation:
+        print("\n" + separation(args.path, args.separation, args.order), end="")
 
 
 if __name__ == "__main__":
