@@ -161,3 +161,19 @@ def test_separation_marks_only_rows_apart_on_every_seed_pair(sweep_csv, capsys):
     summarize_sweep.main([str(sweep_csv), "--separation", "psnr"])
     out = capsys.readouterr().out
     assert out.endswith(summarize_sweep.separation(str(sweep_csv))) and "| psnr | method |" in out
+
+
+def test_where_keeps_only_the_matching_runs_in_table_and_separation(sweep_csv, capsys):
+    """--where seed=1 leaves one run per group (a plain cell, "?" in the matrix); an unknown column is an error
+    that names it."""
+    table = {r["method"]: r for r in table_rows(summarize_sweep.summarize(str(sweep_csv), where={"seed": "1"}))}
+    assert table["low"]["seeds"] == "1" and table["low"]["hard-code PSNR (dB)"] == "20.00"
+    assert table["high"]["hard-code PSNR (dB)"] == "22.00"
+    matrix = table_rows(summarize_sweep.separation(str(sweep_csv), where={"seed": "1"}))
+    assert [r["method"] for r in matrix] == ["high", "low"] and matrix[0]["2"] == "?"
+
+    summarize_sweep.main([str(sweep_csv), "--where", "seed=2"])
+    assert {r["method"]: r["hard-code PSNR (dB)"] for r in table_rows(capsys.readouterr().out)} == \
+        {"high": "22.60", "low": "20.50"}
+    with pytest.raises(SystemExit, match="no column K"):
+        summarize_sweep.main([str(sweep_csv), "--where", "K=512"])

@@ -16,6 +16,9 @@ seed of the row is above every seed of the column's row, "<" where every one is 
 "?" where either row has fewer than two seeds with the metric (one seed shows, it does not conclude).
 
     python tools/summarize_sweep.py results/leaderboard/results.csv --separation psnr
+
+--where COLUMN=VALUE keeps only the runs whose results.csv column has that value, e.g. one codebook size of a sweep
+that has two (`--where codebook_size=512`).
 """
 import argparse
 import csv
@@ -110,11 +113,21 @@ def ordered_groups(rows: list[dict], order: str) -> list[tuple[str, list[dict]]]
     return sorted(groups.items(), key=lambda kv: -statistics.mean(float(r["psnr"]) for r in kv[1]))
 
 
-def summarize(path: str, order: str = "psnr") -> str:
+def read_rows(path: str, where: Optional[dict] = None) -> list[dict]:
+    """The finished runs (a psnr) of a results.csv, only those whose columns equal `where`'s values (as text, e.g.
+    {"codebook_size": "512"}); an error naming the columns when a `where` key is not one of them."""
+    with open(path) as fh:
+        reader = csv.DictReader(fh)
+        unknown = set(where or {}) - set(reader.fieldnames or [])
+        if unknown:
+            raise SystemExit(f"--where: no column {', '.join(sorted(unknown))} in {path}")
+        return [r for r in reader if r.get("psnr") and all(r[k] == v for k, v in (where or {}).items())]
+
+
+def summarize(path: str, order: str = "psnr", where: Optional[dict] = None) -> str:
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, not {order!r}")
-    with open(path) as fh:
-        rows = [r for r in csv.DictReader(fh) if r.get("psnr")]
+    rows = read_rows(path, where)
     sweep_dir = Path(path).parent
     columns = [c for c in COLUMNS if any(r.get(c[0]) not in (None, "") for r in rows)]  # none: a column of dashes
     with_commit = any(r.get("commit") for r in rows)  # results.csv from before commits were recorded: no column
@@ -128,13 +141,11 @@ def summarize(path: str, order: str = "psnr") -> str:
     return "\n".join(lines) + "\n"
 
 
-def separation(path: str, metric: str = "psnr", order: str = "psnr") -> str:
+def separation(path: str, metric: str = "psnr", order: str = "psnr", where: Optional[dict] = None) -> str:
     """Which groups differ in `metric` on every seed pair, as a Markdown matrix in the table's row order. Cell
     (i, j) compares every seed of row i with every seed of row j: min_i > max_j is ">", max_i < min_j is "<",
     otherwise "≈"; "?" when either row has under two seeds with the metric; "·" on the diagonal."""
-    with open(path) as fh:
-        rows = [r for r in csv.DictReader(fh) if r.get("psnr")]
-    groups = ordered_groups(rows, order)
+    groups = ordered_groups(read_rows(path, where), order)
     values = [[float(r[metric]) for r in rs if r.get(metric) not in (None, "")] for _, rs in groups]
 
     def sign(a: list[float], b: list[float]) -> str:
@@ -158,10 +169,15 @@ def main(argv=None):
     parser.add_argument("--separation", metavar="METRIC",
                         help="also print which rows differ in METRIC (a results.csv column, e.g. psnr, lpips) on "
                              "every seed pair")
+    parser.add_argument("--where", metavar="COLUMN=VALUE", action="append", default=[],
+                        help="only the runs whose results.csv COLUMN is VALUE, e.g. codebook_size=512 (repeatable)")
     args = parser.parse_args(argv)
-    print(summarize(args.path, args.order), end="")
+    if any("=" not in w for w in args.where):
+        parser.error("--where takes COLUMN=VALUE")
+    where = dict(w.split("=", 1) for w in args.where)
+    print(summarize(args.path, args.order, where), end="")
     if args.separation:
-        print("\n" + separation(args.path, args.separation, args.order), end="")
+        print("\n" + separation(args.path, args.separation, args.order, where), end="")
 
 
 if __name__ == "__main__":
