@@ -1,5 +1,6 @@
 """analyze.ipynb runs headless on two tiny runs made by the real CLI, and draws every figure."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -54,7 +55,8 @@ def test_notebook_is_saved_without_outputs():
 
 def test_notebook_executes_and_draws_every_figure(two_runs, tmp_path, monkeypatch):
     fig_dir = tmp_path / "figures"
-    monkeypatch.setenv("BAVQ_EXPERIMENTS", str(two_runs))
+    # two folders joined by os.pathsep, as for several sweeps (a run folder is itself a folder to search)
+    monkeypatch.setenv("BAVQ_EXPERIMENTS", os.pathsep.join(str(two_runs / name) for name in ("vq", "ba")))
     monkeypatch.setenv("BAVQ_FIG_DIR", str(fig_dir))
     monkeypatch.delenv("BAVQ_RD_RUN", raising=False)
     monkeypatch.setenv("JUPYTER_PATH", python_kernel(tmp_path))
