@@ -161,6 +161,8 @@ def test_separation_marks_only_rows_apart_on_every_seed_pair(sweep_csv, capsys):
     summarize_sweep.main([str(sweep_csv), "--separation", "psnr"])
     out = capsys.readouterr().out
     assert out.endswith(summarize_sweep.separation(str(sweep_csv))) and "| psnr | method |" in out
+    with pytest.raises(SystemExit, match="no column rfid"):  # a typo is an error, not a matrix of "?"
+        summarize_sweep.main([str(sweep_csv), "--separation", "rfid"])
 
 
 def test_where_keeps_only_the_matching_runs_in_table_and_separation(sweep_csv, capsys):

@@ -145,7 +145,10 @@ def separation(path: str, metric: str = "psnr", order: str = "psnr", where: Opti
     """Which groups differ in `metric` on every seed pair, as a Markdown matrix in the table's row order. Cell
     (i, j) compares every seed of row i with every seed of row j: min_i > max_j is ">", max_i < min_j is "<",
     otherwise "≈"; "?" when either row has under two seeds with the metric; "·" on the diagonal."""
-    groups = ordered_groups(read_rows(path, where), order)
+    rows = read_rows(path, where)
+    if rows and metric not in rows[0]:
+        raise SystemExit(f"--separation: no column {metric} in {path}")
+    groups = ordered_groups(rows, order)
     values = [[float(r[metric]) for r in rs if r.get(metric) not in (None, "")] for _, rs in groups]
 
     def sign(a: list[float], b: list[float]) -> str:
