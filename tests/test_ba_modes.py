@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import vqvae
+from helpers import load_tool
 
 REFERENCE = Path(__file__).parent / "data" / "ba_seed_reference.pt"
 
@@ -19,10 +20,7 @@ def make_q(kind="ba_vq", K=24, D=6, **overrides):
 def test_seed_mode_reproduces_the_outputs_recorded_before_the_options():
     """tests/data/ba_seed_reference.pt holds the seeds' BA (then `ba_vq`) on a fixed input, made at the commit
     before these options by tools/make_ba_seed_reference.py; `ba_seed` must still give it."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("ref", Path(__file__).parents[1] / "tools" / "make_ba_seed_reference.py")
-    ref_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ref_module)
+    ref_module = load_tool("make_ba_seed_reference")
     for expected, settings in zip(torch.load(REFERENCE), ref_module.SETTINGS):
         got = ref_module.outputs("ba_seed", settings)
         for part in ("step0", "step1", "eval"):

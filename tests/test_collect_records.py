@@ -1,6 +1,5 @@
 """tools/collect_records.py: a sweep's finished runs' small records copied for committing, unfinished runs and
 checkpoints left behind, config.yaml's out_dir rewritten, and the copies rebuilding the sweep's table."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -8,11 +7,10 @@ import yaml
 
 import sweep
 import vqvae
+from helpers import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("collect_records", ROOT / "tools" / "collect_records.py")
-collect_records = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(collect_records)
+collect_records = load_tool("collect_records")
 
 
 def write_run(folder: Path, name: str, psnr=None):

@@ -1,6 +1,5 @@
 """tools/dimension_study.py on run folders written here with known metrics: correlations, warm-up verdicts, the
 warm-up-length rows and the figure."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -9,11 +8,10 @@ import yaml
 
 import runs
 import vqvae
+from helpers import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("dimension_study", ROOT / "tools" / "dimension_study.py")
-dimension_study = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(dimension_study)
+dimension_study = load_tool("dimension_study")
 
 BASE = vqvae.config_to_dict(vqvae.Config())
 

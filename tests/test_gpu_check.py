@@ -1,18 +1,16 @@
 """tools/gpu_check.py, the first command on a GPU machine, checked on the CPU: its quick mode runs the whole plan end to
 end (every stage in a process group of its own, within its budget, reporting on stdout), writes the JSON and the
 table; the plan fits one call; a stage past its budget is stopped with its whole group and keeps what it reported."""
-import importlib.util
 import json
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+from helpers import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "tools" / "gpu_check.py")
-gpu_check = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gpu_check)
+gpu_check = load_tool("gpu_check")
 
 
 def test_the_quick_plan_runs_every_stage_and_writes_its_json_and_table(tmp_path):

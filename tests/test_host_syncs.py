@@ -2,18 +2,16 @@
 value by the host (.item(), bool(), float(): aten::_local_scalar_dense) in the steps between log steps. On a GPU each
 one waits for the device to finish what it was given, so the step should have none; the few that remain are pinned
 here by number, so a new one fails the test."""
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
 import vqvae
+from helpers import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("host_reads", ROOT / "tools" / "host_reads.py")
-host_reads_tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(host_reads_tool)
+host_reads_tool = load_tool("host_reads")
 
 REGISTERED = sorted(n for n, c in vqvae.QUANTIZERS.items() if not c.__module__.startswith(("test", "tests")))
 # reads that remain, per training step: BA's check for columns of Q that underflow (the shapes that follow depend on

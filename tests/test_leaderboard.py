@@ -1,17 +1,15 @@
 """LEADERBOARD.md is its records: each committed results.csv is what `--table_only` writes from the run folders
 beside it, and each table on the page is `tools/summarize_sweep.py`'s output of that csv. A record changed without
 its table, or a table edited by hand, fails here."""
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 import sweep
+from helpers import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("summarize_sweep", ROOT / "tools" / "summarize_sweep.py")
-summarize_sweep = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(summarize_sweep)
+summarize_sweep = load_tool("summarize_sweep")
 
 SWEEPS = ["leaderboard", "leaderboard_60ep", "leaderboard_d8", "leaderboard_65k"]
 TABLES = [  # (the page's heading, the sweep whose results.csv it shows, summarize_sweep's --where)

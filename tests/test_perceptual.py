@@ -5,7 +5,6 @@ weight tool, and the metrics switching off with one line when their weights are 
 
 The real weights (tools/get_metric_weights.py) are not needed; the tests that use them skip without them."""
 import hashlib
-import importlib.util
 import io
 import pickle
 import tarfile
@@ -20,11 +19,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import perceptual as P
+from helpers import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("get_metric_weights", ROOT / "tools" / "get_metric_weights.py")
-get_metric_weights = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(get_metric_weights)
+get_metric_weights = load_tool("get_metric_weights")
 
 
 @pytest.fixture
@@ -489,9 +487,7 @@ def test_a_run_without_the_weights_says_so_in_one_line_each_and_leaves_the_metri
 def test_score_runs_adds_the_metrics_a_run_without_weights_lacks(empty_cache, tmp_path, monkeypatch):
     import json
     import vqvae
-    spec = importlib.util.spec_from_file_location("score_runs", ROOT / "tools" / "score_runs.py")
-    score_runs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(score_runs)
+    score_runs = load_tool("score_runs")
     cfg = vqvae.make_config({"dataset": "cifar10-sample", "arch": "compact", "codebook_size": 16, "batch_size": 64,
                              "kmeans_iters": 2, "epochs": 1, "wandb": False, "device": "cpu",
                              "out_dir": str(tmp_path), "name": "r"})

@@ -1,16 +1,14 @@
 """tools/summarize_sweep.py on a small sweep folder written here: mean ± std cells, s/step, group order."""
 import csv
-import importlib.util
 import json
 import statistics
 from pathlib import Path
 
 import pytest
+from helpers import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("summarize_sweep", ROOT / "tools" / "summarize_sweep.py")
-summarize_sweep = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(summarize_sweep)
+summarize_sweep = load_tool("summarize_sweep")
 
 # "low" comes first in the file but has the lower PSNR, so the two orders differ
 RUNS = {  # experiment: (key_change, psnr, ssim, usage_rate, [(steps in the epoch, epoch_time), ...])
@@ -141,7 +139,7 @@ def test_a_metric_some_seeds_lack_says_over_how_many(sweep_csv):
 
 def test_separation_marks_only_rows_apart_on_every_seed_pair(sweep_csv, capsys):
     """high (22.0, 22.6) is above low (20.0, 20.5) on every seed pair; mid (20.4, 21.0) overlaps low but not high;
-    one (a single seed) is never compared; lower-is-better metrics read the same way (">" is higher, not better)."""
+    one (a single seed) is never compared; another column reads the same way (">" is higher, whichever is better)."""
     with open(sweep_csv) as fh:
         rows = list(csv.DictReader(fh))
     with open(sweep_csv, "a", newline="") as fh:
