@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
 from helpers import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,6 +5,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+
 from helpers import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
