@@ -68,11 +68,22 @@ def quantizer_keys(name: str) -> Optional[set[str]]:
     return None if cls is None else {f.name for f in dataclasses.fields(cls.Params)}
 
 
+def quantizer_option_defaults(name: str) -> dict:
+    """{option: default} for the options the registered quantizer `name` declares (`vqvae.option` fields of its
+    Params); {} if it declares none or is not registered in this process."""
+    cls = vqvae.QUANTIZERS.get(name)
+    return {} if cls is None else {f.name: f.default for f in dataclasses.fields(cls.Params) if "help" in f.metadata}
+
+
 def method_label(config: dict) -> str:
-    """A run's method for plots and tables: its quantizer, plus '+ rotation', '+ restarts' and '+ AE warm-up' where
-    they apply (restarts only for quantizers that read dead_code_threshold and do not fix it, as ba_seed does)."""
+    """A run's method for plots and tables: its quantizer, with its options that differ from their defaults in
+    parentheses (so CVQ with main.py's data-variance scaling is not pooled with CVQ), plus '+ rotation',
+    '+ restarts' and '+ AE warm-up' where they apply (restarts only for quantizers that read dead_code_threshold and
+    do not fix it, as ba_seed does)."""
     q = config.get("quantizer", "?")
-    parts = [q]
+    changed = [f"{k}={config[k]}" for k, default in quantizer_option_defaults(q).items()
+               if k in config and config[k] != default]
+    parts = [f"{q} ({', '.join(changed)})" if changed else q]
     if config.get("estimator") == "rotation":
         parts.append("rotation")
     cls = vqvae.QUANTIZERS.get(q)

@@ -1,6 +1,7 @@
 """Run-loading and analysis helpers behind analyze.ipynb: known inputs, known outputs; two ways agree."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,6 +170,23 @@ def test_method_labels_name_the_remedies_that_apply():
     assert runs.method_label({"quantizer": "vq_ema", "dead_code_threshold": 1.0, "ae_warmup_steps": 100,
                               "ae_warmup_frac": 0.0}) == "vq_ema + restarts + AE warm-up"
     assert runs.method_label({"quantizer": "vq_ema", "ae_warmup_steps": 0, "ae_warmup_frac": 0.0}) == "vq_ema"
+
+
+def test_method_labels_name_a_quantizers_own_options_that_differ_from_their_defaults():
+    """A saved config lists every registered option; only the run's own quantizer's changed options enter the label,
+    so CVQ with main.py's scaling is not pooled with CVQ, and other quantizers' settings do not split a method."""
+    cvq = {"quantizer": "cvq", "cvq_distance": "cos", "cvq_data_variance": 1.0, "wvq_codebook_lr": 0.5}
+    assert runs.method_label(cvq) == "cvq"
+    assert runs.method_label({**cvq, "cvq_data_variance": 0.0637}) == "cvq (cvq_data_variance=0.0637)"
+    assert runs.method_label({**cvq, "cvq_distance": "l2", "cvq_data_variance": 0.5}) == \
+        "cvq (cvq_distance=l2, cvq_data_variance=0.5)"
+    assert runs.method_label({"quantizer": "vq_ema", "cvq_data_variance": 0.0637, "dead_code_threshold": 1.0}) == \
+        "vq_ema + restarts"
+    records = Path(__file__).resolve().parent.parent / "results" / "leaderboard_60ep"
+    labels = {name: runs.method_label(yaml.safe_load((records / name / "config.yaml").read_text()))
+              for name in ("cvq_s1", "cvq_official_s1", "fsq_s1", "wasserstein_vq_s1")}
+    assert labels == {"cvq_s1": "cvq", "cvq_official_s1": "cvq (cvq_data_variance=0.0637)", "fsq_s1": "fsq",
+                      "wasserstein_vq_s1": "wasserstein_vq"}
 
 
 # -- rank correlation ---------------------------------------------------------------------------------------------
